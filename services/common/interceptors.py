@@ -1,0 +1,165 @@
+"""Server interceptors shared by every service.
+
+``ErrorInterceptor`` is the one place where domain errors become gRPC statuses: ``google.rpc.Status`` with
+``ErrorInfo(reason, domain="costmesh.<svc>")`` plus ``BadRequest`` / ``QuotaFailure`` / ``RetryInfo`` details.
+Unknown exceptions become ``INTERNAL`` with a generic message; the traceback goes to the log, never the client.
+``LogContextInterceptor`` binds ``rpc``, ``request_id``, ``tenant`` and ``feature`` into structlog's contextvars
+for the duration of each call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from services.common.attribution import REQUEST_ID_KEY, from_metadata, metadata_value
+from services.common.errors import CostmeshError, InvalidArgument, ResourceExhausted, Unavailable
+
+log = structlog.get_logger("costmesh.rpc")
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def _retry_delay(seconds: float) -> duration_pb2.Duration:
+    whole = math.floor(seconds)
+    return duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
+
+
+def to_rpc_status(error: CostmeshError, domain: str) -> status_pb2.Status:
+    """The ``google.rpc.Status`` for a domain error."""
+    status = status_pb2.Status(code=error.code.value[0], message=error.message)
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=domain)
+    info.metadata.update(error.metadata)
+    status.details.append(_pack(info))
+    if isinstance(error, InvalidArgument) and error.violations:
+        bad = error_details_pb2.BadRequest()
+        for v in error.violations:
+            bad.field_violations.add(field=v.field, description=v.description, reason=v.reason)
+        status.details.append(_pack(bad))
+    if isinstance(error, ResourceExhausted) and error.violations:
+        quota = error_details_pb2.QuotaFailure()
+        for q in error.violations:
+            quota.violations.add(subject=q.subject, description=q.description)
+        status.details.append(_pack(quota))
+    retry_after = getattr(error, "retry_after_s", None) if isinstance(error, ResourceExhausted | Unavailable) else None
+    if retry_after is not None:
+        status.details.append(_pack(error_details_pb2.RetryInfo(retry_delay=_retry_delay(max(0.0, retry_after)))))
+    return status
+
+
+def _internal_status(domain: str) -> status_pb2.Status:
+    status = status_pb2.Status(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
+    status.details.append(_pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=domain)))
+    return status
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions raised by handlers to rich gRPC statuses."""
+
+    def __init__(self, *, domain: str) -> None:
+        self._domain = domain
+
+    async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
+        if isinstance(exc, CostmeshError):
+            if exc.code == grpc.StatusCode.INTERNAL:
+                log.error("rpc_failed", reason=exc.reason, exc_info=exc)
+            status = to_rpc_status(exc, self._domain)
+        else:
+            log.error("rpc_crashed", error_type=type(exc).__name__, exc_info=exc)
+            status = _internal_status(self._domain)
+        await context.abort_with_status(rpc_status.to_status(status))
+
+    def _wrap_unary(self, behavior: Any) -> Any:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this is the one place that maps every error
+                await self._abort(context, exc)
+
+        return wrapped
+
+    def _wrap_stream(self, behavior: Any) -> Any:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await self._abort(context, exc)
+
+        return wrapped
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Req, _Resp] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[_Req, _Resp] | None:
+        handler: Any = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(handler.stream_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class LogContextInterceptor(grpc.aio.ServerInterceptor):
+    """Binds per-call log context (rpc, request_id, tenant, feature) into structlog contextvars.
+
+    The binding happens when the handler is looked up, which for grpc.aio runs in the task that then runs the
+    handler, so the values are visible to every log line of the call and vanish with its task.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Req, _Resp] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[_Req, _Resp] | None:
+        md = tuple(handler_call_details.invocation_metadata or ())
+        attribution = from_metadata(md)
+        fields: dict[str, str] = {"rpc": handler_call_details.method}
+        request_id = metadata_value(md, REQUEST_ID_KEY)
+        if request_id:
+            fields["request_id"] = request_id
+        if attribution.tenant:
+            fields["tenant"] = attribution.tenant
+        if attribution.feature:
+            fields["feature"] = attribution.feature
+        structlog.contextvars.bind_contextvars(**fields)
+        return await continuation(handler_call_details)
