@@ -1,0 +1,1 @@
+"""The ``costmesh`` command line."""
