@@ -5,7 +5,7 @@
 
 Output lands straight in the importable package ``costmesh`` (``protoc -I protos`` maps
 ``costmesh/<svc>/v1/<svc>.proto`` to ``costmesh/<svc>/v1/<svc>_pb2.py``), so generated imports resolve without
-edits. ``_pb2.pyi`` comes from protoc's own ``--pyi_out``; ``_pb2_grpc.pyi`` from mypy-protobuf.
+edits. Both ``.pyi`` stubs come from mypy-protobuf (stricter than protoc's own ``--pyi_out``: typed enums, no bare generics).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _generate(out: Path) -> None:
         f"-I{PROTOS}",
         f"-I{include}",
         f"--python_out={out}",
-        f"--pyi_out={out}",
+        f"--mypy_out={out}",
         f"--grpc_python_out={out}",
         f"--mypy_grpc_out={out}",
         *files,
