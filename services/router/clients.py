@@ -1,0 +1,240 @@
+"""The router's ports over gRPC: cache, budget and infer clients built on the generated stubs.
+
+Each adapter translates domain values to protos and failed calls back to domain errors
+(:func:`services.common.remote.error_from_rpc`), and gives every call a deadline no later than the caller's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+
+from costmesh.budget.v1 import budget_pb2, budget_pb2_grpc
+from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
+from costmesh.infer.v1 import infer_pb2, infer_pb2_grpc
+from services.common import deadline
+from services.common.attribution import Attribution
+from services.common.errors import Unavailable
+from services.common.pricing import TokenUsage
+from services.common.remote import error_from_rpc
+from services.router.classifier.types import Message, Tier
+from services.router.pipeline import (
+    CachedAnswer,
+    CacheLookup,
+    InferChunk,
+    LookupOutcome,
+    Reservation,
+    Sampling,
+)
+from services.router.protoconv import (
+    attribution_to_proto,
+    finish_from_proto,
+    finish_to_proto,
+    messages_to_proto,
+    sampling_to_proto,
+    tier_from_proto,
+    tier_to_proto,
+    usage_from_proto,
+    usage_to_proto,
+)
+
+_OUTCOMES = {
+    cache_pb2.LOOKUP_OUTCOME_HIT: LookupOutcome.HIT,
+    cache_pb2.LOOKUP_OUTCOME_MISS: LookupOutcome.MISS,
+    cache_pb2.LOOKUP_OUTCOME_UNCACHEABLE: LookupOutcome.UNCACHEABLE,
+    cache_pb2.LOOKUP_OUTCOME_WAIT_TIMEOUT: LookupOutcome.WAIT_TIMEOUT,
+    cache_pb2.LOOKUP_OUTCOME_UNAVAILABLE: LookupOutcome.UNAVAILABLE,
+}
+
+
+class GrpcCache:
+    def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float, wait_ms: int) -> None:
+        self._stub = cache_pb2_grpc.CacheServiceStub(channel)
+        self._timeout_s = timeout_s
+        self._wait_ms = wait_ms
+
+    async def lookup(
+        self, *, attribution: Attribution, model: str, messages: Sequence[Message], sampling: Sampling, peek: bool
+    ) -> CacheLookup:
+        request = cache_pb2.LookupRequest(
+            attribution=attribution_to_proto(attribution),
+            model=model,
+            messages=messages_to_proto(messages),
+            sampling=sampling_to_proto(sampling),
+            wait_ms=self._wait_ms,
+            peek=peek,
+        )
+        try:
+            reply = await self._stub.Lookup(request, timeout=deadline.timeout(self._timeout_s + self._wait_ms / 1000))
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err, peer="cache") from err
+        outcome = _OUTCOMES.get(reply.outcome, LookupOutcome.UNAVAILABLE)
+        answer = None
+        if outcome is LookupOutcome.HIT:
+            r = reply.response
+            answer = CachedAnswer(
+                text=r.text,
+                usage=usage_from_proto(r.usage),
+                cost_micros=r.cost_micros,
+                model=r.model,
+                tier=tier_from_proto(r.tier) or Tier.FULL,
+                finish_reason=finish_from_proto(r.finish_reason),
+            )
+        return CacheLookup(
+            outcome=outcome, key=reply.key, lease_id=reply.lease.lease_id, answer=answer, coalesced=reply.coalesced
+        )
+
+    async def fill(self, *, attribution: Attribution, key: str, lease_id: str, answer: CachedAnswer) -> None:
+        response = cache_pb2.CachedResponse(
+            text=answer.text,
+            usage=usage_to_proto(answer.usage),
+            cost_micros=answer.cost_micros,
+            model=answer.model,
+            tier=tier_to_proto(answer.tier),
+            finish_reason=finish_to_proto(answer.finish_reason),
+        )
+        request = cache_pb2.FillRequest(
+            attribution=attribution_to_proto(attribution), key=key, lease_id=lease_id, response=response
+        )
+        try:
+            await self._stub.Fill(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err, peer="cache") from err
+
+    async def abandon(self, *, attribution: Attribution, key: str, lease_id: str) -> None:
+        request = cache_pb2.FillRequest(
+            attribution=attribution_to_proto(attribution), key=key, lease_id=lease_id, abandon=True
+        )
+        try:
+            await self._stub.Fill(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err, peer="cache") from err
+
+
+class GrpcBudget:
+    def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float, ttl_s: int) -> None:
+        self._stub = budget_pb2_grpc.BudgetServiceStub(channel)
+        self._timeout_s = timeout_s
+        self._ttl_s = ttl_s
+
+    async def reserve(
+        self,
+        *,
+        request_id: str,
+        attribution: Attribution,
+        estimated_cost_micros: int,
+        estimated_tokens: int,
+        model: str,
+        tier: Tier,
+    ) -> Reservation:
+        request = budget_pb2.ReserveRequest(
+            request_id=request_id,
+            attribution=attribution_to_proto(attribution),
+            estimated_cost_micros=estimated_cost_micros,
+            estimated_tokens=estimated_tokens,
+            ttl_seconds=self._ttl_s,
+            model=model,
+            tier=tier_to_proto(tier),
+        )
+        try:
+            reply = await self._stub.Reserve(request, timeout=deadline.timeout(self._timeout_s))
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err, peer="budget") from err
+        return Reservation(
+            reservation_id=reply.reservation_id,
+            soft_limit_exceeded=reply.soft_limit_exceeded,
+            max_tokens_cap=reply.max_tokens_cap,
+            remaining_micros=reply.remaining_micros if reply.HasField("remaining_micros") else None,
+        )
+
+    async def commit(
+        self,
+        *,
+        reservation_id: str,
+        tenant: str,
+        cost_micros: int,
+        usage: TokenUsage,
+        model: str,
+        tier: Tier,
+        saved_micros: int,
+    ) -> int | None:
+        request = budget_pb2.CommitRequest(
+            reservation_id=reservation_id,
+            tenant=tenant,
+            actual_cost_micros=cost_micros,
+            usage=usage_to_proto(usage),
+            model=model,
+            tier=tier_to_proto(tier),
+            saved_micros=saved_micros,
+        )
+        try:
+            # Settlement outlives the caller's deadline: the money was spent either way.
+            reply = await self._stub.Commit(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err, peer="budget") from err
+        return reply.remaining_micros if reply.HasField("remaining_micros") else None
+
+    async def release(self, *, reservation_id: str, tenant: str) -> None:
+        request = budget_pb2.ReleaseRequest(reservation_id=reservation_id, tenant=tenant)
+        try:
+            await self._stub.Release(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err, peer="budget") from err
+
+    async def record_savings(
+        self, *, request_id: str, attribution: Attribution, saved_micros: int, model: str, tier: Tier, usage: TokenUsage
+    ) -> None:
+        request = budget_pb2.RecordSavingsRequest(
+            request_id=request_id,
+            attribution=attribution_to_proto(attribution),
+            saved_micros=saved_micros,
+            reason=budget_pb2.SAVINGS_REASON_CACHE_HIT,
+            model=model,
+            tier=tier_to_proto(tier),
+            usage=usage_to_proto(usage),
+        )
+        try:
+            await self._stub.RecordSavings(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err, peer="budget") from err
+
+
+class GrpcInfer:
+    """One channel per tier (each may balance over many workers)."""
+
+    def __init__(self, channels: dict[Tier, grpc.aio.Channel], *, timeout_s: float) -> None:
+        self._stubs = {tier: infer_pb2_grpc.InferenceServiceStub(ch) for tier, ch in channels.items()}
+        self._timeout_s = timeout_s
+
+    async def generate(
+        self, *, tier: Tier, request_id: str, messages: Sequence[Message], sampling: Sampling, attribution: Attribution
+    ) -> AsyncIterator[InferChunk]:
+        stub = self._stubs.get(tier)
+        if stub is None:
+            raise Unavailable(f"no workers configured for tier {tier.label}", reason="TIER_NOT_CONFIGURED")
+        request = infer_pb2.GenerateRequest(
+            request_id=request_id,
+            tier=tier_to_proto(tier),
+            messages=messages_to_proto(messages),
+            sampling=sampling_to_proto(sampling),
+            attribution=attribution_to_proto(attribution),
+        )
+        call = stub.Generate(request, timeout=deadline.timeout(self._timeout_s))
+        try:
+            async for chunk in call:
+                if chunk.HasField("summary"):
+                    s = chunk.summary
+                    yield InferChunk(
+                        text=chunk.text,
+                        usage=usage_from_proto(s.usage),
+                        finish_reason=finish_from_proto(s.finish_reason),
+                        model=s.model,
+                        ttft_ms=s.time_to_first_token_ms,
+                    )
+                else:
+                    yield InferChunk(text=chunk.text)
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err, peer=f"infer-{tier.label}") from err
+        finally:
+            call.cancel()  # no-op when finished; aborts the worker's request when the consumer went away

@@ -1,0 +1,615 @@
+"""The router's request pipeline: cache → classify + policy → reserve → infer → commit → fill.
+
+Pure orchestration over four ports (``CachePort``, ``BudgetPort``, ``InferPort``, ``TokenCounter``) and a
+``Decider`` (the classifier + policy); nothing here imports gRPC. ``services/router/clients.py`` implements the
+ports over gRPC, ``services/router/server.py`` translates protos.
+
+Money invariants, held on every path:
+* a reservation is either committed with the actual cost or released — on success, failure, escalation,
+  cancellation and deadline alike (release/abandon run shielded from cancellation);
+* a fill lease is either filled or abandoned, so waiters never wait on a dead holder for longer than the lease;
+* ``cost_micros`` of a result equals what was committed to the ledger for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Protocol
+
+import structlog
+
+from services.common.attribution import Attribution
+from services.common.errors import CostmeshError, InvalidArgument, ResourceExhausted, Unavailable, Validator
+from services.common.pricing import PriceTable, TokenUsage
+from services.router.classifier.types import Message, Tier
+
+log = structlog.get_logger("costmesh.router")
+
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+
+class CacheMode(Enum):
+    DEFAULT = 0
+    BYPASS = 1
+    REFRESH = 2
+
+
+class FinishReason(Enum):
+    UNSPECIFIED = 0
+    STOP = 1
+    LENGTH = 2
+    ABORT = 3
+    ERROR = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    max_tokens: int = 0
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateInput:
+    request_id: str
+    attribution: Attribution
+    messages: tuple[Message, ...]
+    sampling: Sampling = Sampling()
+    requested_tier: Tier | None = None
+    cache_mode: CacheMode = CacheMode.DEFAULT
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the classifier + policy chose, and the bounds policy allows when budget or availability intervene."""
+
+    tier: Tier
+    score: float
+    threshold: float
+    uncertain: bool
+    reasons: tuple[str, ...]
+    classifier_tier: Tier
+    policy: str = ""
+    min_tier: Tier = Tier.CHEAP
+    max_tier: Tier = Tier.FULL
+
+
+class Decider(Protocol):
+    def decide(
+        self, *, messages: Sequence[Message], max_tokens: int, attribution: Attribution, requested_tier: Tier | None
+    ) -> Decision: ...
+
+
+# ---- ports -----------------------------------------------------------------------------------------------------
+
+
+class LookupOutcome(Enum):
+    HIT = 1
+    MISS = 2
+    UNCACHEABLE = 3
+    WAIT_TIMEOUT = 4
+    UNAVAILABLE = 5
+
+
+@dataclass(frozen=True, slots=True)
+class CachedAnswer:
+    text: str
+    usage: TokenUsage
+    cost_micros: int
+    model: str
+    tier: Tier
+    finish_reason: FinishReason
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLookup:
+    outcome: LookupOutcome
+    key: str = ""
+    lease_id: str = ""
+    answer: CachedAnswer | None = None
+    coalesced: bool = False
+
+
+class CachePort(Protocol):
+    async def lookup(
+        self, *, attribution: Attribution, model: str, messages: Sequence[Message], sampling: Sampling, peek: bool
+    ) -> CacheLookup: ...
+
+    async def fill(self, *, attribution: Attribution, key: str, lease_id: str, answer: CachedAnswer) -> None: ...
+
+    async def abandon(self, *, attribution: Attribution, key: str, lease_id: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    reservation_id: str
+    soft_limit_exceeded: bool
+    max_tokens_cap: int
+    remaining_micros: int | None
+
+
+class BudgetPort(Protocol):
+    async def reserve(
+        self,
+        *,
+        request_id: str,
+        attribution: Attribution,
+        estimated_cost_micros: int,
+        estimated_tokens: int,
+        model: str,
+        tier: Tier,
+    ) -> Reservation: ...
+
+    async def commit(
+        self,
+        *,
+        reservation_id: str,
+        tenant: str,
+        cost_micros: int,
+        usage: TokenUsage,
+        model: str,
+        tier: Tier,
+        saved_micros: int,
+    ) -> int | None:
+        """Returns the smallest remaining budget after the commit (None when no cost limit applies)."""
+        ...
+
+    async def release(self, *, reservation_id: str, tenant: str) -> None: ...
+
+    async def record_savings(
+        self, *, request_id: str, attribution: Attribution, saved_micros: int, model: str, tier: Tier, usage: TokenUsage
+    ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class InferChunk:
+    text: str
+    # Set on the last chunk only.
+    usage: TokenUsage | None = None
+    finish_reason: FinishReason = FinishReason.UNSPECIFIED
+    model: str = ""
+    ttft_ms: float = 0.0
+
+
+class InferPort(Protocol):
+    def generate(
+        self, *, tier: Tier, request_id: str, messages: Sequence[Message], sampling: Sampling, attribution: Attribution
+    ) -> AsyncIterator[InferChunk]:
+        """Streams chunks; raises ``Unavailable`` when the tier cannot serve (before or during the stream)."""
+        ...
+
+
+class TokenCounter(Protocol):
+    def count_prompt(self, tier: Tier, messages: Sequence[Message]) -> int: ...
+
+
+# ---- results ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateResult:
+    request_id: str
+    text: str
+    usage: TokenUsage
+    cost_micros: int
+    tier: Tier
+    model: str
+    decision: Decision
+    cache_hit: bool
+    saved_micros: int
+    budget_remaining_micros: int | None
+    finish_reason: FinishReason
+    ttft_ms: float
+    escalated: bool
+    coalesced: bool = False
+    baseline_micros: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+
+
+Event = TextDelta | GenerateResult
+
+
+# ---- configuration ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PipelineLimits:
+    max_messages: int = 256
+    max_message_chars: int = 200_000
+    max_total_chars: int = 1_000_000
+    max_request_id_chars: int = 128
+    default_max_tokens: int = 256
+    max_tokens_limit: int = 32_768
+    max_stop_sequences: int = 8
+    fail_open_budget: bool = False
+    cap_memory_s: float = 60.0
+
+
+@dataclass
+class _CapMemory:
+    """Per (tenant, feature) ``max_tokens`` caps learned from Reserve answers, so estimates use the clamped value."""
+
+    ttl_s: float
+    _caps: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
+
+    def get(self, tenant: str, feature: str) -> int:
+        hit = self._caps.get((tenant, feature))
+        if hit is None or hit[1] < time.monotonic():
+            return 0
+        return hit[0]
+
+    def put(self, tenant: str, feature: str, cap: int) -> None:
+        if len(self._caps) > 10_000:
+            self._caps.clear()
+        self._caps[(tenant, feature)] = (cap, time.monotonic() + self.ttl_s)
+
+
+def validate(inp: GenerateInput, limits: PipelineLimits) -> None:
+    """Every bad field at once, as INVALID_ARGUMENT with BadRequest."""
+    v = Validator()
+    a = inp.attribution
+    v.require(bool(a.tenant), "attribution.tenant", "required (request field or x-costmesh-tenant metadata)")
+    for name, value, cap in (("tenant", a.tenant, 64), ("team", a.team, 64), ("feature", a.feature, 64)):
+        v.require(len(value) <= cap, f"attribution.{name}", f"at most {cap} characters")
+    v.require(len(a.end_user) <= 128, "attribution.end_user", "at most 128 characters")
+    v.require(len(inp.request_id) <= limits.max_request_id_chars, "request_id", "at most 128 characters")
+    v.require(bool(inp.messages), "messages", "at least one message is required")
+    v.require(len(inp.messages) <= limits.max_messages, "messages", f"at most {limits.max_messages} messages")
+    total = 0
+    for i, m in enumerate(inp.messages[: limits.max_messages]):
+        v.require(m.role in ROLES, f"messages[{i}].role", "must be system, user, assistant or tool")
+        v.require(len(m.content) <= limits.max_message_chars, f"messages[{i}].content", "too long")
+        total += len(m.content)
+    v.require(total <= limits.max_total_chars, "messages", f"at most {limits.max_total_chars} characters in all")
+    if inp.messages:
+        v.require(any(m.content.strip() for m in inp.messages), "messages", "all messages are empty")
+    s = inp.sampling
+    v.require(0 <= s.max_tokens <= limits.max_tokens_limit, "sampling.max_tokens", f"0..{limits.max_tokens_limit}")
+    if s.temperature is not None:
+        v.require(0.0 <= s.temperature <= 2.0, "sampling.temperature", "must be in [0, 2]")
+    if s.top_p is not None:
+        v.require(0.0 < s.top_p <= 1.0, "sampling.top_p", "must be in (0, 1]")
+    v.require(len(s.stop) <= limits.max_stop_sequences, "sampling.stop", "at most 8 stop sequences")
+    v.require(all(0 < len(x) <= 64 for x in s.stop), "sampling.stop", "each stop sequence 1..64 characters")
+    v.raise_if_any("invalid request")
+
+
+class _Settlement:
+    """Tracks the open reservation and lease of one request so every exit path settles them exactly once."""
+
+    def __init__(self, budget: BudgetPort, cache: CachePort | None, attribution: Attribution) -> None:
+        self._budget = budget
+        self._cache = cache
+        self._attribution = attribution
+        self.reservation: Reservation | None = None
+        self.lease: tuple[str, str] | None = None
+
+    async def release(self) -> None:
+        res, self.reservation = self.reservation, None
+        if res is not None:
+            try:
+                await self._budget.release(reservation_id=res.reservation_id, tenant=self._attribution.tenant)
+            except CostmeshError as err:  # the TTL returns it if the store is down now
+                log.warning("release_failed", reservation_id=res.reservation_id, error=err.message)
+
+    async def abandon(self) -> None:
+        lease, self.lease = self.lease, None
+        if lease is not None and self._cache is not None:
+            try:
+                await self._cache.abandon(attribution=self._attribution, key=lease[0], lease_id=lease[1])
+            except CostmeshError as err:  # the lease expires by itself
+                log.warning("abandon_failed", key=lease[0], error=err.message)
+
+    async def settle_failure(self) -> None:
+        await asyncio.shield(asyncio.gather(self.release(), self.abandon()))
+
+
+class Pipeline:
+    """One request through the mesh. Construct once per router process."""
+
+    def __init__(
+        self,
+        *,
+        decider: Decider,
+        cache: CachePort | None,
+        budget: BudgetPort,
+        infer: InferPort,
+        tokens: TokenCounter,
+        prices: PriceTable,
+        models: dict[Tier, str],
+        limits: PipelineLimits | None = None,
+        spawn: Callable[[Awaitable[None]], object] | None = None,
+    ) -> None:
+        self._decider = decider
+        self._cache = cache
+        self._budget = budget
+        self._infer = infer
+        self._tokens = tokens
+        self._prices = prices
+        self._models = models
+        self.limits = limits or PipelineLimits()
+        self._caps = _CapMemory(self.limits.cap_memory_s)
+        self._background: set[asyncio.Task[None]] = set()
+        self._spawn = spawn
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+
+    def cost(self, tier: Tier, usage: TokenUsage) -> int:
+        return self._prices.price_for(tier=tier.label, model=self._models[tier]).cost_micros(usage)
+
+    def baseline(self, usage: TokenUsage) -> int:
+        """What the same usage costs on the full tier with no prefix or response cache."""
+        full = self._prices.price_for(tier=Tier.FULL.label, model=self._models[Tier.FULL])
+        return full.cost_micros(TokenUsage(usage.input_tokens, usage.output_tokens, 0))
+
+    def _background_task(self, coro: Awaitable[None]) -> None:
+        if self._spawn is not None:
+            self._spawn(coro)
+            return
+
+        async def run() -> None:
+            try:
+                await coro
+            except CostmeshError as err:
+                log.warning("background_failed", error=err.message, reason=err.reason)
+
+        task = asyncio.ensure_future(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for background fills and savings records (graceful shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    def decide(self, inp: GenerateInput) -> Decision:
+        max_tokens = self._max_tokens(inp)
+        return self._decider.decide(
+            messages=inp.messages, max_tokens=max_tokens, attribution=inp.attribution, requested_tier=inp.requested_tier
+        )
+
+    def _max_tokens(self, inp: GenerateInput) -> int:
+        requested = inp.sampling.max_tokens or self.limits.default_max_tokens
+        cap = self._caps.get(inp.attribution.tenant, inp.attribution.feature)
+        return min(requested, cap) if cap else requested
+
+    # -- the pipeline ----------------------------------------------------------------------------------------
+
+    async def run(self, inp: GenerateInput) -> AsyncIterator[Event]:
+        """Yields text deltas as they are produced, then exactly one ``GenerateResult``."""
+        validate(inp, self.limits)
+        if not inp.request_id:
+            inp = replace(inp, request_id=uuid.uuid4().hex)
+        decision = self.decide(inp)
+        settle = _Settlement(self._budget, self._cache, inp.attribution)
+        lookup = await self._lookup(inp, decision.tier)
+        if lookup.outcome is LookupOutcome.HIT and lookup.answer is not None:
+            result = self._hit(inp, decision, lookup)
+            yield TextDelta(result.text)
+            yield result
+            return
+        if lookup.outcome is LookupOutcome.MISS:
+            settle.lease = (lookup.key, lookup.lease_id)
+        try:
+            async for event in self._miss(inp, decision, settle):
+                yield event
+        except BaseException:
+            await settle.settle_failure()
+            raise
+
+    async def _lookup(self, inp: GenerateInput, tier: Tier) -> CacheLookup:
+        if self._cache is None or inp.cache_mode is CacheMode.BYPASS:
+            return CacheLookup(LookupOutcome.UNCACHEABLE)
+        try:
+            lookup = await self._cache.lookup(
+                attribution=inp.attribution,
+                model=self._models[tier],
+                messages=inp.messages,
+                sampling=replace(inp.sampling, max_tokens=self._max_tokens(inp)),
+                peek=False,
+            )
+        except CostmeshError as err:  # cache down: serve without it
+            log.warning("cache_unavailable", error=err.message, reason=err.reason)
+            return CacheLookup(LookupOutcome.UNAVAILABLE)
+        if inp.cache_mode is CacheMode.REFRESH and lookup.outcome is LookupOutcome.HIT:
+            # A refresh never serves the stored answer; without a lease it runs uncached.
+            return CacheLookup(LookupOutcome.UNCACHEABLE, key=lookup.key)
+        return lookup
+
+    def _hit(self, inp: GenerateInput, decision: Decision, lookup: CacheLookup) -> GenerateResult:
+        answer = lookup.answer
+        assert answer is not None
+        saved = self.baseline(answer.usage)
+        self._background_task(
+            self._budget.record_savings(
+                request_id=inp.request_id,
+                attribution=inp.attribution,
+                saved_micros=saved,
+                model=answer.model,
+                tier=answer.tier,
+                usage=answer.usage,
+            )
+        )
+        return GenerateResult(
+            request_id=inp.request_id,
+            text=answer.text,
+            usage=answer.usage,
+            cost_micros=0,
+            tier=answer.tier,
+            model=answer.model,
+            decision=decision,
+            cache_hit=True,
+            saved_micros=saved,
+            budget_remaining_micros=None,
+            finish_reason=answer.finish_reason,
+            ttft_ms=0.0,
+            escalated=False,
+            coalesced=lookup.coalesced,
+            baseline_micros=saved,
+        )
+
+    async def _reserve(self, inp: GenerateInput, tier: Tier, suffix: str) -> Reservation:
+        max_tokens = self._max_tokens(inp)
+        prompt_tokens = self._tokens.count_prompt(tier, inp.messages)
+        price = self._prices.price_for(tier=tier.label, model=self._models[tier])
+        return await self._budget.reserve(
+            request_id=inp.request_id + suffix,
+            attribution=inp.attribution,
+            estimated_cost_micros=price.estimate_micros(prompt_tokens, max_tokens),
+            estimated_tokens=prompt_tokens + max_tokens,
+            model=self._models[tier],
+            tier=tier,
+        )
+
+    async def _reserve_with_downgrade(
+        self, inp: GenerateInput, decision: Decision, settle: _Settlement
+    ) -> tuple[Tier, str]:
+        """Reserve on the decided tier; downgrade to cheap on a soft threshold or a full-tier hard stop."""
+        tier = decision.tier
+        can_downgrade = tier is Tier.FULL and decision.min_tier is Tier.CHEAP and inp.requested_tier is not Tier.FULL
+        try:
+            settle.reservation = await self._reserve(inp, tier, "")
+        except ResourceExhausted:
+            if not can_downgrade:
+                raise
+            settle.reservation = await self._reserve(inp, Tier.CHEAP, "/cheap")
+            return Tier.CHEAP, "budget_downgrade"
+        except Unavailable:
+            if not self.limits.fail_open_budget:
+                raise
+            log.warning("budget_fail_open", request_id=inp.request_id)
+            return tier, decision.policy
+        if settle.reservation.max_tokens_cap:
+            self._caps.put(inp.attribution.tenant, inp.attribution.feature, settle.reservation.max_tokens_cap)
+        if settle.reservation.soft_limit_exceeded and can_downgrade:
+            first = settle.reservation
+            settle.reservation = await self._reserve(inp, Tier.CHEAP, "/cheap")
+            await self._budget.release(reservation_id=first.reservation_id, tenant=inp.attribution.tenant)
+            return Tier.CHEAP, "budget_downgrade"
+        return tier, decision.policy
+
+    async def _miss(self, inp: GenerateInput, decision: Decision, settle: _Settlement) -> AsyncIterator[Event]:
+        tier, policy = await self._reserve_with_downgrade(inp, decision, settle)
+        remaining = settle.reservation.remaining_micros if settle.reservation else None
+        escalated = False
+        sampling = replace(inp.sampling, max_tokens=self._max_tokens(inp))
+        if settle.reservation is not None and settle.reservation.max_tokens_cap:
+            sampling = replace(sampling, max_tokens=min(sampling.max_tokens, settle.reservation.max_tokens_cap))
+        t0 = time.perf_counter()
+        ttft_ms = 0.0
+        text: list[str] = []
+        last: InferChunk | None = None
+        try:
+            stream = self._infer.generate(
+                tier=tier,
+                request_id=inp.request_id,
+                messages=inp.messages,
+                sampling=sampling,
+                attribution=inp.attribution,
+            )
+            first = await anext(stream)
+        except (Unavailable, StopAsyncIteration) as err:
+            other = Tier.CHEAP if tier is Tier.FULL else Tier.FULL
+            if not (decision.min_tier <= other <= decision.max_tier):
+                raise Unavailable(f"tier {tier.label} is unavailable and policy forbids {other.label}") from err
+            log.warning("tier_unavailable_escalating", tier=tier.label, to=other.label)
+            await settle.release()
+            tier, policy, escalated = other, "escalated", True
+            try:
+                settle.reservation = await self._reserve(inp, tier, "/esc")
+            except Unavailable:
+                if not self.limits.fail_open_budget:
+                    raise
+            stream = self._infer.generate(
+                tier=tier,
+                request_id=inp.request_id,
+                messages=inp.messages,
+                sampling=sampling,
+                attribution=inp.attribution,
+            )
+            first = await anext(stream)
+        ttft_ms = (time.perf_counter() - t0) * 1000
+        chunk: InferChunk | None = first
+        while chunk is not None:
+            if chunk.text:
+                text.append(chunk.text)
+                yield TextDelta(chunk.text)
+            if chunk.usage is not None:
+                last = chunk
+            chunk = await anext(stream, None)
+        if last is None or last.usage is None:
+            raise Unavailable("worker stream ended without usage", reason="INCOMPLETE_STREAM")
+        usage = last.usage
+        cost = self.cost(tier, usage)
+        baseline = self.baseline(usage)
+        res, settle.reservation = settle.reservation, None
+        if res is not None:
+            remaining = await asyncio.shield(
+                self._budget.commit(
+                    reservation_id=res.reservation_id,
+                    tenant=inp.attribution.tenant,
+                    cost_micros=cost,
+                    usage=usage,
+                    model=last.model or self._models[tier],
+                    tier=tier,
+                    saved_micros=max(0, baseline - cost),
+                )
+            )
+        answer = CachedAnswer(
+            text="".join(text),
+            usage=usage,
+            cost_micros=cost,
+            model=last.model or self._models[tier],
+            tier=tier,
+            finish_reason=last.finish_reason,
+        )
+        lease, settle.lease = settle.lease, None
+        if lease is not None and self._cache is not None:
+            if tier is decision.tier and last.finish_reason is FinishReason.STOP:
+                self._background_task(
+                    self._cache.fill(attribution=inp.attribution, key=lease[0], lease_id=lease[1], answer=answer)
+                )
+            else:  # another tier's answer or a truncated one is never stored under this key
+                self._background_task(self._cache.abandon(attribution=inp.attribution, key=lease[0], lease_id=lease[1]))
+        final_decision = (
+            decision
+            if (tier is decision.tier and not policy)
+            else replace(decision, tier=tier, policy=policy or decision.policy)
+        )
+        yield GenerateResult(
+            request_id=inp.request_id,
+            text=answer.text,
+            usage=usage,
+            cost_micros=cost,
+            tier=tier,
+            model=answer.model,
+            decision=final_decision,
+            cache_hit=False,
+            saved_micros=max(0, baseline - cost),
+            budget_remaining_micros=remaining,
+            finish_reason=last.finish_reason,
+            ttft_ms=last.ttft_ms or ttft_ms,
+            escalated=escalated,
+            baseline_micros=baseline,
+        )
+
+    async def generate(self, inp: GenerateInput) -> GenerateResult:
+        """The unary form: run the pipeline to its result."""
+        result: GenerateResult | None = None
+        async for event in self.run(inp):
+            if isinstance(event, GenerateResult):
+                result = event
+        if result is None:  # pragma: no cover - run() always ends with a result or raises
+            raise InvalidArgument("no result")
+        return result

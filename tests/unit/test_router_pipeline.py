@@ -1,0 +1,352 @@
+"""The router pipeline's money and lease invariants, over in-memory ports (a unit-test seam only: the real services
+are exercised by tests/e2e)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+
+from services.common.attribution import Attribution
+from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
+from services.common.pricing import PriceTable, TokenUsage
+from services.router.classifier.types import Message, Tier
+from services.router.pipeline import (
+    CachedAnswer,
+    CacheLookup,
+    CacheMode,
+    Decision,
+    FinishReason,
+    GenerateInput,
+    GenerateResult,
+    InferChunk,
+    LookupOutcome,
+    Pipeline,
+    Reservation,
+    Sampling,
+    TextDelta,
+)
+
+ACME = Attribution(tenant="acme", team="t", feature="f")
+MODELS = {Tier.CHEAP: "cheap-model", Tier.FULL: "full-model"}
+
+
+@dataclass
+class FixedDecider:
+    tier: Tier = Tier.FULL
+    min_tier: Tier = Tier.CHEAP
+    max_tier: Tier = Tier.FULL
+
+    def decide(
+        self, *, messages: Sequence[Message], max_tokens: int, attribution: Attribution, requested_tier: Tier | None
+    ) -> Decision:
+        tier = requested_tier or self.tier
+        return Decision(
+            tier,
+            0.9 if tier is Tier.FULL else 0.1,
+            0.5,
+            False,
+            ("test",),
+            tier,
+            min_tier=self.min_tier,
+            max_tier=self.max_tier,
+        )
+
+
+@dataclass
+class MemCache:
+    answers: dict[str, CachedAnswer] = field(default_factory=dict)
+    leases: dict[str, str] = field(default_factory=dict)
+    fills: int = 0
+    abandons: int = 0
+    down: bool = False
+
+    async def lookup(
+        self, *, attribution: Attribution, model: str, messages: Sequence[Message], sampling: Sampling, peek: bool
+    ) -> CacheLookup:
+        if self.down:
+            raise Unavailable("cache down")
+        key = f"{attribution.tenant}|{model}|{messages[-1].content.strip().lower()}"
+        if key in self.answers:
+            return CacheLookup(LookupOutcome.HIT, key=key, answer=self.answers[key])
+        self.leases[key] = "lease-" + key
+        return CacheLookup(LookupOutcome.MISS, key=key, lease_id=self.leases[key])
+
+    async def fill(self, *, attribution: Attribution, key: str, lease_id: str, answer: CachedAnswer) -> None:
+        assert self.leases.pop(key) == lease_id
+        self.answers[key] = answer
+        self.fills += 1
+
+    async def abandon(self, *, attribution: Attribution, key: str, lease_id: str) -> None:
+        assert self.leases.pop(key) == lease_id
+        self.abandons += 1
+
+
+@dataclass
+class Ledger:
+    limit: int = 10**12
+    soft_at: int = 10**12
+    reserved: dict[str, int] = field(default_factory=dict)
+    committed: int = 0
+    savings: int = 0
+    cap: int = 0
+    down: bool = False
+
+    async def reserve(
+        self,
+        *,
+        request_id: str,
+        attribution: Attribution,
+        estimated_cost_micros: int,
+        estimated_tokens: int,
+        model: str,
+        tier: Tier,
+    ) -> Reservation:
+        if self.down:
+            raise Unavailable("budget down")
+        held = self.committed + sum(self.reserved.values())
+        if held + estimated_cost_micros > self.limit:
+            raise ResourceExhausted("hard limit", reason="BUDGET_EXCEEDED")
+        self.reserved[request_id] = estimated_cost_micros
+        return Reservation(
+            request_id, held + estimated_cost_micros > self.soft_at, self.cap, self.limit - held - estimated_cost_micros
+        )
+
+    async def commit(
+        self,
+        *,
+        reservation_id: str,
+        tenant: str,
+        cost_micros: int,
+        usage: TokenUsage,
+        model: str,
+        tier: Tier,
+        saved_micros: int,
+    ) -> int | None:
+        self.reserved.pop(reservation_id)
+        self.committed += cost_micros
+        self.savings += saved_micros
+        return self.limit - self.committed
+
+    async def release(self, *, reservation_id: str, tenant: str) -> None:
+        self.reserved.pop(reservation_id)
+
+    async def record_savings(
+        self, *, request_id: str, attribution: Attribution, saved_micros: int, model: str, tier: Tier, usage: TokenUsage
+    ) -> None:
+        self.savings += saved_micros
+
+
+@dataclass
+class Workers:
+    down: set[Tier] = field(default_factory=set)
+    finish: FinishReason = FinishReason.STOP
+    fail_after_first: bool = False
+    calls: list[tuple[Tier, int]] = field(default_factory=list)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    hang: bool = False
+
+    async def generate(
+        self, *, tier: Tier, request_id: str, messages: Sequence[Message], sampling: Sampling, attribution: Attribution
+    ) -> AsyncIterator[InferChunk]:
+        self.calls.append((tier, sampling.max_tokens))
+        if tier in self.down:
+            raise Unavailable(f"{tier.label} down")
+        yield InferChunk("hello ")
+        self.started.set()
+        if self.hang:
+            await asyncio.sleep(3600)
+        if self.fail_after_first:
+            raise Unavailable("worker died")
+        yield InferChunk(
+            "world", usage=TokenUsage(100, 20, 40), finish_reason=self.finish, model=MODELS[tier], ttft_ms=5.0
+        )
+
+
+class Tokens:
+    def count_prompt(self, tier: Tier, messages: Sequence[Message]) -> int:
+        return 100
+
+
+def make(
+    decider: FixedDecider | None = None,
+    cache: MemCache | None = None,
+    ledger: Ledger | None = None,
+    workers: Workers | None = None,
+) -> tuple[Pipeline, MemCache, Ledger, Workers]:
+    cache = cache if cache is not None else MemCache()
+    ledger = ledger or Ledger()
+    workers = workers or Workers()
+    p = Pipeline(
+        decider=decider or FixedDecider(),
+        cache=cache,
+        budget=ledger,
+        infer=workers,
+        tokens=Tokens(),
+        prices=PriceTable(),
+        models=MODELS,
+    )
+    return p, cache, ledger, workers
+
+
+def req(text: str = "What is 2+2?", rid: str = "r1", **kw: object) -> GenerateInput:
+    return GenerateInput(
+        request_id=rid,
+        attribution=ACME,
+        messages=(Message("user", text),),
+        sampling=Sampling(max_tokens=50, temperature=0.0),
+        **kw,
+    )  # type: ignore[arg-type]
+
+
+FULL_COST = PriceTable().price_for(tier="full").cost_micros(TokenUsage(100, 20, 40))
+CHEAP_COST = PriceTable().price_for(tier="cheap").cost_micros(TokenUsage(100, 20, 40))
+BASELINE = PriceTable().price_for(tier="full").cost_micros(TokenUsage(100, 20, 0))
+
+
+async def test_miss_commits_actual_cost_with_cached_prompt_price_then_fills() -> None:
+    p, cache, ledger, _ = make()
+    result = await p.generate(req())
+    await p.drain()
+    assert result.text == "hello world" and result.tier is Tier.FULL and not result.cache_hit
+    assert result.cost_micros == FULL_COST == ledger.committed
+    assert result.saved_micros == BASELINE - FULL_COST and ledger.savings == BASELINE - FULL_COST
+    assert ledger.reserved == {} and cache.fills == 1 and cache.leases == {}
+
+
+async def test_normalized_repeat_hits_the_cache_costs_nothing_and_records_the_saving() -> None:
+    p, _cache, ledger, workers = make()
+    await p.generate(req("What is 2+2?", rid="a"))
+    await p.drain()
+    hit = await p.generate(req("  what is 2+2?  ", rid="b"))
+    await p.drain()
+    assert hit.cache_hit and hit.cost_micros == 0 and hit.text == "hello world"
+    assert hit.saved_micros == BASELINE and len(workers.calls) == 1
+    assert ledger.committed == FULL_COST and ledger.savings == (BASELINE - FULL_COST) + BASELINE
+
+
+async def test_stream_yields_deltas_then_one_result() -> None:
+    p, *_ = make()
+    events = [e async for e in p.run(req())]
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["hello ", "world"]
+    assert isinstance(events[-1], GenerateResult) and sum(isinstance(e, GenerateResult) for e in events) == 1
+
+
+async def test_hard_stop_on_full_downgrades_to_cheap_when_policy_allows() -> None:
+    limit = 100  # cheap estimate 45 fits, full estimate 750 does not
+    p, _, ledger, workers = make(ledger=Ledger(limit=limit))
+    # full-tier estimate of 100 prompt + 50 output tokens is above the limit, the cheap one is not
+    full_estimate = PriceTable().price_for(tier="full").estimate_micros(100, 50)
+    assert full_estimate > limit
+    result = await p.generate(req())
+    assert result.tier is Tier.CHEAP and result.decision.policy == "budget_downgrade"
+    assert workers.calls[0][0] is Tier.CHEAP and ledger.committed == CHEAP_COST and ledger.reserved == {}
+
+
+async def test_hard_stop_without_a_cheaper_option_is_resource_exhausted_and_nothing_held() -> None:
+    p, cache, ledger, workers = make(decider=FixedDecider(Tier.FULL, min_tier=Tier.FULL), ledger=Ledger(limit=10))
+    with pytest.raises(ResourceExhausted):
+        await p.generate(req())
+    await p.drain()
+    assert ledger.reserved == {} and ledger.committed == 0 and workers.calls == []
+    assert cache.leases == {} and cache.abandons == 1
+
+
+async def test_soft_threshold_downgrades_and_releases_the_full_reservation() -> None:
+    p, _, ledger, _workers = make(ledger=Ledger(soft_at=0))
+    result = await p.generate(req())
+    assert result.tier is Tier.CHEAP and result.decision.policy == "budget_downgrade"
+    assert ledger.reserved == {} and ledger.committed == CHEAP_COST
+
+
+async def test_unavailable_tier_escalates_and_reprices() -> None:
+    p, cache, ledger, _workers = make(decider=FixedDecider(Tier.CHEAP), workers=Workers(down={Tier.CHEAP}))
+    result = await p.generate(req())
+    await p.drain()
+    assert result.escalated and result.tier is Tier.FULL and result.decision.policy == "escalated"
+    assert ledger.committed == FULL_COST and ledger.reserved == {}
+    assert cache.fills == 0 and cache.abandons == 1  # a full-tier answer is never stored under the cheap key
+
+
+async def test_unavailable_tier_with_pinned_policy_is_unavailable_and_releases() -> None:
+    p, cache, ledger, _ = make(
+        decider=FixedDecider(Tier.CHEAP, max_tier=Tier.CHEAP), workers=Workers(down={Tier.CHEAP})
+    )
+    with pytest.raises(Unavailable):
+        await p.generate(req())
+    assert ledger.reserved == {} and ledger.committed == 0 and cache.leases == {}
+
+
+async def test_worker_dying_mid_stream_releases_and_abandons() -> None:
+    p, cache, ledger, _ = make(workers=Workers(fail_after_first=True))
+    with pytest.raises(Unavailable):
+        await p.generate(req())
+    assert ledger.reserved == {} and ledger.committed == 0 and cache.leases == {} and cache.abandons == 1
+
+
+async def test_client_cancel_releases_and_abandons() -> None:
+    workers = Workers(hang=True)
+    p, cache, ledger, _ = make(workers=workers)
+    task = asyncio.ensure_future(p.generate(req()))
+    await asyncio.wait_for(workers.started.wait(), 5)
+    assert ledger.reserved  # money held while inference runs
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0)
+    assert ledger.reserved == {} and cache.leases == {} and cache.abandons == 1
+
+
+async def test_truncated_answer_is_charged_but_never_cached() -> None:
+    p, cache, ledger, _ = make(workers=Workers(finish=FinishReason.LENGTH))
+    result = await p.generate(req())
+    await p.drain()
+    assert result.finish_reason is FinishReason.LENGTH and ledger.committed == FULL_COST
+    assert cache.fills == 0 and cache.abandons == 1 and cache.answers == {}
+
+
+async def test_cache_down_serves_without_cache() -> None:
+    p, _cache, ledger, _ = make(cache=MemCache(down=True))
+    result = await p.generate(req())
+    assert result.text == "hello world" and ledger.committed == FULL_COST and not result.cache_hit
+
+
+async def test_budget_down_fails_closed_by_default() -> None:
+    p, cache, _ledger, workers = make(ledger=Ledger(down=True))
+    with pytest.raises(Unavailable):
+        await p.generate(req())
+    await p.drain()
+    assert workers.calls == [] and cache.leases == {}
+
+
+async def test_bypass_skips_the_cache_and_feature_cap_clamps_max_tokens() -> None:
+    p, cache, _ledger, workers = make(ledger=Ledger(cap=10))
+    await p.generate(req(cache_mode=CacheMode.BYPASS))
+    assert cache.leases == {} and cache.fills == 0 and workers.calls[-1][1] == 10
+    await p.generate(req(rid="r2", cache_mode=CacheMode.BYPASS))
+    assert workers.calls[-1][1] == 10  # remembered cap
+
+
+async def test_bad_input_is_rejected_with_every_field_and_nothing_reserved() -> None:
+    p, cache, ledger, workers = make()
+    bad = GenerateInput(
+        request_id="x" * 200,
+        attribution=Attribution(),
+        messages=(Message("robot", ""),),
+        sampling=Sampling(max_tokens=10**9, temperature=5.0, top_p=0.0),
+    )
+    with pytest.raises(InvalidArgument) as err:
+        await p.generate(bad)
+    fields = {v.field for v in err.value.violations}
+    assert {
+        "attribution.tenant",
+        "request_id",
+        "messages[0].role",
+        "sampling.max_tokens",
+        "sampling.temperature",
+        "sampling.top_p",
+        "messages",
+    } <= fields
+    assert ledger.reserved == {} and cache.leases == {} and workers.calls == []
