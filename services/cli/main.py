@@ -90,5 +90,32 @@ def health(
         raise typer.Exit(1)
 
 
+@app.command()
+def demo(
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the whole report as JSON")] = None,
+    keep: Annotated[bool, typer.Option(help="leave a mesh that demo started running")] = False,
+    concurrency: Annotated[int, typer.Option(help="requests in flight (bursts excepted)")] = 8,
+    burst_size: Annotated[int, typer.Option(help="identical requests per burst")] = 12,
+    max_tokens: Annotated[int, typer.Option(help="max_tokens of every request")] = 32,
+    data_dir: Annotated[Path, typer.Option(help="state of a mesh that demo starts")] = Path("var/demo"),
+    start_timeout_s: Annotated[float, typer.Option(help="how long the mesh may take to become SERVING")] = 300,
+) -> None:
+    """Replay the bundled workload through the mesh (starting it if needed) and print the cost report."""
+    from services.cli.demo import run_demo
+
+    _ensure_models(Path("var/models"))
+    report = run_demo(
+        json_path=json_path,
+        keep=keep,
+        concurrency=concurrency,
+        burst_size=burst_size,
+        max_tokens=max_tokens,
+        data_dir=data_dir,
+        start_timeout_s=start_timeout_s,
+    )
+    if not report.ledger_matches or report.served == 0:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
