@@ -24,6 +24,7 @@ class ServiceProcess:
     module: str
     env: Mapping[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(prefix="costmesh-svc-", suffix=".log")[1]))
 
@@ -41,6 +42,7 @@ class ServiceProcess:
             **os.environ,
             f"{prefix}HOST": "127.0.0.1",
             f"{prefix}PORT": str(self.port),
+            f"{prefix}METRICS_PORT": str(self.metrics_port),
             f"{prefix}LOG_FORMAT": "json",
             **self.env,
         }
