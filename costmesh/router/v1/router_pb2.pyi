@@ -435,6 +435,7 @@ class SubmitAsyncResponse(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     ROUTE_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Id to pass to GetAsyncResult."""
     state: _common_pb2.JobState.ValueType
@@ -443,16 +444,21 @@ class SubmitAsyncResponse(_message.Message):
     def route(self) -> Global___RouteDecision:
         """Routing decision."""
 
+    @_builtins.property
+    def result(self) -> Global___GenerateResult:
+        """The result, set only when the request was answered at once (state SUCCEEDED, a cache hit)."""
+
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         state: _common_pb2.JobState.ValueType = ...,
         route: Global___RouteDecision | None = ...,
+        result: Global___GenerateResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["route", b"route"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "route", b"route"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "route", b"route", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "result", b"result", "route", b"route", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
