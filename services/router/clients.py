@@ -22,7 +22,10 @@ from services.router.classifier.types import Message, Tier
 from services.router.pipeline import (
     CachedAnswer,
     CacheLookup,
+    FinishReason,
     InferChunk,
+    JobState,
+    JobStatus,
     LookupOutcome,
     Reservation,
     Sampling,
@@ -127,13 +130,14 @@ class GrpcBudget:
         estimated_tokens: int,
         model: str,
         tier: Tier,
+        ttl_s: int = 0,
     ) -> Reservation:
         request = budget_pb2.ReserveRequest(
             request_id=request_id,
             attribution=attribution_to_proto(attribution),
             estimated_cost_micros=estimated_cost_micros,
             estimated_tokens=estimated_tokens,
-            ttl_seconds=self._ttl_s,
+            ttl_seconds=ttl_s or self._ttl_s,
             model=model,
             tier=tier_to_proto(tier),
         )
@@ -238,3 +242,52 @@ class GrpcInfer:
             raise error_from_rpc(err, peer=f"infer-{tier.label}") from err
         finally:
             call.cancel()  # no-op when finished; aborts the worker's request when the consumer went away
+
+    async def submit_job(
+        self,
+        *,
+        tier: Tier,
+        request_id: str,
+        messages: Sequence[Message],
+        sampling: Sampling,
+        attribution: Attribution,
+        metadata: str,
+    ) -> str:
+        stub = self._stubs.get(tier)
+        if stub is None:
+            raise Unavailable(f"no workers configured for tier {tier.label}", reason="TIER_NOT_CONFIGURED")
+        request = infer_pb2.SubmitJobRequest(
+            request_id=request_id,
+            messages=messages_to_proto(messages),
+            sampling=sampling_to_proto(sampling),
+            attribution=attribution_to_proto(attribution),
+            metadata=metadata,
+        )
+        try:
+            reply = await stub.SubmitJob(request, timeout=deadline.timeout(self._timeout_s))
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err, peer=f"infer-{tier.label}") from err
+        return reply.job_id
+
+    async def get_job(self, *, tier: Tier, job_id: str, tenant: str) -> JobStatus:
+        stub = self._stubs.get(tier)
+        if stub is None:
+            raise Unavailable(f"no workers configured for tier {tier.label}", reason="TIER_NOT_CONFIGURED")
+        try:
+            reply = await stub.GetJob(
+                infer_pb2.GetJobRequest(job_id=job_id, tenant=tenant), timeout=deadline.timeout(self._timeout_s)
+            )
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err, peer=f"infer-{tier.label}") from err
+        summary = reply.summary if reply.HasField("summary") else None
+        return JobStatus(
+            job_id=reply.job_id,
+            state=JobState(reply.state) if reply.state in {s.value for s in JobState} else JobState.QUEUED,
+            text=reply.text,
+            usage=usage_from_proto(summary.usage) if summary is not None else None,
+            finish_reason=finish_from_proto(summary.finish_reason) if summary is not None else FinishReason.UNSPECIFIED,
+            model=summary.model if summary is not None else "",
+            error=reply.error,
+            metadata=reply.metadata,
+            ttft_ms=summary.time_to_first_token_ms if summary is not None else 0.0,
+        )

@@ -14,6 +14,7 @@ Money invariants, held on every path:
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -24,7 +25,14 @@ from typing import Protocol
 import structlog
 
 from services.common.attribution import Attribution
-from services.common.errors import CostmeshError, InvalidArgument, ResourceExhausted, Unavailable, Validator
+from services.common.errors import (
+    CostmeshError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    Validator,
+)
 from services.common.pricing import PriceTable, TokenUsage
 from services.router.classifier.types import Message, Tier
 
@@ -145,6 +153,7 @@ class BudgetPort(Protocol):
         estimated_tokens: int,
         model: str,
         tier: Tier,
+        ttl_s: int = 0,
     ) -> Reservation: ...
 
     async def commit(
@@ -186,6 +195,46 @@ class InferPort(Protocol):
         ...
 
 
+class JobState(Enum):
+    QUEUED = 1
+    RUNNING = 2
+    SUCCEEDED = 3
+    FAILED = 4
+    CANCELLED = 5
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    job_id: str
+    state: JobState
+    text: str = ""
+    usage: TokenUsage | None = None
+    finish_reason: FinishReason = FinishReason.UNSPECIFIED
+    model: str = ""
+    error: str = ""
+    metadata: str = ""
+    ttft_ms: float = 0.0
+
+
+class JobPort(Protocol):
+    async def submit_job(
+        self,
+        *,
+        tier: Tier,
+        request_id: str,
+        messages: Sequence[Message],
+        sampling: Sampling,
+        attribution: Attribution,
+        metadata: str,
+    ) -> str: ...
+
+    async def get_job(self, *, tier: Tier, job_id: str, tenant: str) -> JobStatus: ...
+
+
 class TokenCounter(Protocol):
     def count_prompt(self, tier: Tier, messages: Sequence[Message]) -> int: ...
 
@@ -223,6 +272,22 @@ Event = TextDelta | GenerateResult
 # ---- configuration ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class AsyncSubmission:
+    job_id: str
+    state: JobState
+    decision: Decision
+    result: GenerateResult | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AsyncStatus:
+    job_id: str
+    state: JobState
+    result: GenerateResult | None = None
+    error: str = ""
+
+
 @dataclass(frozen=True)
 class PipelineLimits:
     max_messages: int = 256
@@ -234,6 +299,10 @@ class PipelineLimits:
     max_stop_sequences: int = 8
     fail_open_budget: bool = False
     cap_memory_s: float = 60.0
+    async_reservation_ttl_s: int = 6 * 3600
+    async_poll_s: float = 0.5
+    async_poll_max_s: float = 10.0
+    inline_results: int = 10_000
 
 
 @dataclass
@@ -330,6 +399,7 @@ class Pipeline:
         models: dict[Tier, str],
         limits: PipelineLimits | None = None,
         spawn: Callable[[Awaitable[None]], object] | None = None,
+        jobs: JobPort | None = None,
     ) -> None:
         self._decider = decider
         self._cache = cache
@@ -342,6 +412,8 @@ class Pipeline:
         self._caps = _CapMemory(self.limits.cap_memory_s)
         self._background: set[asyncio.Task[None]] = set()
         self._spawn = spawn
+        self._jobs = jobs
+        self._inline: dict[str, tuple[str, GenerateResult]] = {}
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -408,7 +480,7 @@ class Pipeline:
             await settle.settle_failure()
             raise
 
-    async def _lookup(self, inp: GenerateInput, tier: Tier) -> CacheLookup:
+    async def _lookup(self, inp: GenerateInput, tier: Tier, *, peek: bool = False) -> CacheLookup:
         if self._cache is None or inp.cache_mode is CacheMode.BYPASS:
             return CacheLookup(LookupOutcome.UNCACHEABLE)
         try:
@@ -417,7 +489,7 @@ class Pipeline:
                 model=self._models[tier],
                 messages=inp.messages,
                 sampling=replace(inp.sampling, max_tokens=self._max_tokens(inp)),
-                peek=False,
+                peek=peek,
             )
         except CostmeshError as err:  # cache down: serve without it
             log.warning("cache_unavailable", error=err.message, reason=err.reason)
@@ -459,7 +531,7 @@ class Pipeline:
             baseline_micros=saved,
         )
 
-    async def _reserve(self, inp: GenerateInput, tier: Tier, suffix: str) -> Reservation:
+    async def _reserve(self, inp: GenerateInput, tier: Tier, suffix: str, ttl_s: int = 0) -> Reservation:
         max_tokens = self._max_tokens(inp)
         prompt_tokens = self._tokens.count_prompt(tier, inp.messages)
         price = self._prices.price_for(tier=tier.label, model=self._models[tier])
@@ -470,20 +542,21 @@ class Pipeline:
             estimated_tokens=prompt_tokens + max_tokens,
             model=self._models[tier],
             tier=tier,
+            ttl_s=ttl_s,
         )
 
     async def _reserve_with_downgrade(
-        self, inp: GenerateInput, decision: Decision, settle: _Settlement
+        self, inp: GenerateInput, decision: Decision, settle: _Settlement, ttl_s: int = 0
     ) -> tuple[Tier, str]:
         """Reserve on the decided tier; downgrade to cheap on a soft threshold or a full-tier hard stop."""
         tier = decision.tier
         can_downgrade = tier is Tier.FULL and decision.min_tier is Tier.CHEAP and inp.requested_tier is not Tier.FULL
         try:
-            settle.reservation = await self._reserve(inp, tier, "")
+            settle.reservation = await self._reserve(inp, tier, "", ttl_s)
         except ResourceExhausted:
             if not can_downgrade:
                 raise
-            settle.reservation = await self._reserve(inp, Tier.CHEAP, "/cheap")
+            settle.reservation = await self._reserve(inp, Tier.CHEAP, "/cheap", ttl_s)
             return Tier.CHEAP, "budget_downgrade"
         except Unavailable:
             if not self.limits.fail_open_budget:
@@ -494,7 +567,7 @@ class Pipeline:
             self._caps.put(inp.attribution.tenant, inp.attribution.feature, settle.reservation.max_tokens_cap)
         if settle.reservation.soft_limit_exceeded and can_downgrade:
             first = settle.reservation
-            settle.reservation = await self._reserve(inp, Tier.CHEAP, "/cheap")
+            settle.reservation = await self._reserve(inp, Tier.CHEAP, "/cheap", ttl_s)
             await self._budget.release(reservation_id=first.reservation_id, tenant=inp.attribution.tenant)
             return Tier.CHEAP, "budget_downgrade"
         return tier, decision.policy
@@ -613,3 +686,128 @@ class Pipeline:
         if result is None:  # pragma: no cover - run() always ends with a result or raises
             raise InvalidArgument("no result")
         return result
+
+    # -- async requests --------------------------------------------------------------------------------------
+
+    async def submit(self, inp: GenerateInput) -> AsyncSubmission:
+        """Admit through cache and budget, then enqueue a durable job on the chosen tier.
+
+        A cache hit answers at once (state SUCCEEDED, result inline). Otherwise the reservation is held (with the
+        long async TTL) until the job ends; a background task settles it, and so does every ``status`` call that
+        sees the job finished (Commit and Release are idempotent, so both may).
+        """
+        if self._jobs is None:
+            raise Unavailable("async jobs are not configured", reason="ASYNC_NOT_CONFIGURED")
+        validate(inp, self.limits)
+        if not inp.request_id:
+            inp = replace(inp, request_id=uuid.uuid4().hex)
+        decision = self.decide(inp)
+        lookup = await self._lookup(inp, decision.tier, peek=True)
+        if lookup.outcome is LookupOutcome.HIT and lookup.answer is not None:
+            result = self._hit(inp, decision, lookup)
+            job_id = f"hit.{inp.request_id}"
+            if len(self._inline) >= self.limits.inline_results:
+                self._inline.pop(next(iter(self._inline)))
+            self._inline[job_id] = (inp.attribution.tenant, result)
+            return AsyncSubmission(job_id, JobState.SUCCEEDED, decision, result)
+        settle = _Settlement(self._budget, None, inp.attribution)
+        try:
+            tier, policy = await self._reserve_with_downgrade(
+                inp, decision, settle, self.limits.async_reservation_ttl_s
+            )
+            reservation = settle.reservation
+            meta = json.dumps(
+                {
+                    "reservation_id": reservation.reservation_id if reservation else "",
+                    "tier": tier.label,
+                    "request_id": inp.request_id,
+                    "decision_tier": decision.tier.label,
+                    "policy": policy,
+                    "score": decision.score,
+                }
+            )
+            job = await self._jobs.submit_job(
+                tier=tier,
+                request_id=inp.request_id,
+                messages=inp.messages,
+                sampling=replace(inp.sampling, max_tokens=self._max_tokens(inp)),
+                attribution=inp.attribution,
+                metadata=meta,
+            )
+        except BaseException:
+            await settle.settle_failure()
+            raise
+        job_id = f"{tier.label}.{job}"
+        final = decision if tier is decision.tier else replace(decision, tier=tier, policy=policy)
+        self._background_task(self._settle_when_done(job_id, inp.attribution, final))
+        return AsyncSubmission(job_id, JobState.QUEUED, final)
+
+    async def _settle_when_done(self, job_id: str, attribution: Attribution, decision: Decision) -> None:
+        delay = self.limits.async_poll_s
+        while True:
+            status = await self.status(job_id, attribution, decision)
+            if status.state.terminal:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, self.limits.async_poll_max_s)
+
+    async def status(self, job_id: str, attribution: Attribution, decision: Decision | None = None) -> AsyncStatus:
+        """The job's state; a finished job is settled (committed or released) before its result is returned."""
+        if job_id in self._inline:
+            tenant, result = self._inline[job_id]
+            if tenant != attribution.tenant:
+                raise NotFound(f"no async request {job_id!r}")
+            return AsyncStatus(job_id, JobState.SUCCEEDED, result)
+        tier_label, _, inner = job_id.partition(".")
+        tier = {t.label: t for t in Tier}.get(tier_label)
+        if tier is None or not inner or self._jobs is None:
+            raise NotFound(f"no async request {job_id!r}")
+        job = await self._jobs.get_job(tier=tier, job_id=inner, tenant=attribution.tenant)
+        if not job.state.terminal:
+            return AsyncStatus(job_id, job.state)
+        meta = json.loads(job.metadata or "{}")
+        reservation_id = str(meta.get("reservation_id", ""))
+        if job.state is not JobState.SUCCEEDED or job.usage is None:
+            if reservation_id:
+                await self._budget.release(reservation_id=reservation_id, tenant=attribution.tenant)
+            return AsyncStatus(job_id, job.state, error=job.error or job.state.name)
+        cost = self.cost(tier, job.usage)
+        baseline = self.baseline(job.usage)
+        remaining = None
+        if reservation_id:
+            remaining = await self._budget.commit(
+                reservation_id=reservation_id,
+                tenant=attribution.tenant,
+                cost_micros=cost,
+                usage=job.usage,
+                model=job.model or self._models[tier],
+                tier=tier,
+                saved_micros=max(0, baseline - cost),
+            )
+        if decision is None:
+            decision = Decision(
+                tier=tier,
+                score=float(meta.get("score", 0.0)),
+                threshold=0.0,
+                uncertain=False,
+                reasons=(),
+                classifier_tier={t.label: t for t in Tier}.get(str(meta.get("decision_tier")), tier),
+                policy=str(meta.get("policy", "")),
+            )
+        result = GenerateResult(
+            request_id=str(meta.get("request_id", "")),
+            text=job.text,
+            usage=job.usage,
+            cost_micros=cost,
+            tier=tier,
+            model=job.model or self._models[tier],
+            decision=decision,
+            cache_hit=False,
+            saved_micros=max(0, baseline - cost),
+            budget_remaining_micros=remaining,
+            finish_reason=job.finish_reason,
+            ttft_ms=job.ttft_ms,
+            escalated=False,
+            baseline_micros=baseline,
+        )
+        return AsyncStatus(job_id, job.state, result)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from services.common.attribution import Attribution
-from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
+from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.common.pricing import PriceTable, TokenUsage
 from services.router.classifier.types import Message, Tier
 from services.router.pipeline import (
@@ -22,8 +22,11 @@ from services.router.pipeline import (
     GenerateInput,
     GenerateResult,
     InferChunk,
+    JobState,
+    JobStatus,
     LookupOutcome,
     Pipeline,
+    PipelineLimits,
     Reservation,
     Sampling,
     TextDelta,
@@ -71,6 +74,8 @@ class MemCache:
         key = f"{attribution.tenant}|{model}|{messages[-1].content.strip().lower()}"
         if key in self.answers:
             return CacheLookup(LookupOutcome.HIT, key=key, answer=self.answers[key])
+        if peek:
+            return CacheLookup(LookupOutcome.MISS, key=key)
         self.leases[key] = "lease-" + key
         return CacheLookup(LookupOutcome.MISS, key=key, lease_id=self.leases[key])
 
@@ -93,6 +98,7 @@ class Ledger:
     savings: int = 0
     cap: int = 0
     down: bool = False
+    ttls: list[int] = field(default_factory=list)
 
     async def reserve(
         self,
@@ -103,7 +109,9 @@ class Ledger:
         estimated_tokens: int,
         model: str,
         tier: Tier,
+        ttl_s: int = 0,
     ) -> Reservation:
+        self.ttls.append(ttl_s)
         if self.down:
             raise Unavailable("budget down")
         held = self.committed + sum(self.reserved.values())
@@ -350,3 +358,91 @@ async def test_bad_input_is_rejected_with_every_field_and_nothing_reserved() -> 
         "messages",
     } <= fields
     assert ledger.reserved == {} and cache.leases == {} and workers.calls == []
+
+
+@dataclass
+class Jobs:
+    jobs: dict[str, tuple[str, str, JobState]] = field(default_factory=dict)
+
+    async def submit_job(
+        self,
+        *,
+        tier: Tier,
+        request_id: str,
+        messages: Sequence[Message],
+        sampling: Sampling,
+        attribution: Attribution,
+        metadata: str,
+    ) -> str:
+        job_id = f"j{len(self.jobs)}"
+        self.jobs[job_id] = (attribution.tenant, metadata, JobState.QUEUED)
+        return job_id
+
+    async def get_job(self, *, tier: Tier, job_id: str, tenant: str) -> JobStatus:
+        owner, meta, state = self.jobs[job_id]
+        if owner != tenant:
+            raise NotFound("no such job")
+        if state is JobState.SUCCEEDED:
+            return JobStatus(
+                job_id, state, "done", TokenUsage(100, 20, 40), FinishReason.STOP, MODELS[tier], metadata=meta
+            )
+        return JobStatus(job_id, state, metadata=meta)
+
+
+def make_async(ledger: Ledger | None = None) -> tuple[Pipeline, MemCache, Ledger, Jobs]:
+    jobs = Jobs()
+    cache, ledger = MemCache(), ledger or Ledger()
+    p = Pipeline(
+        decider=FixedDecider(),
+        cache=cache,
+        budget=ledger,
+        infer=Workers(),
+        tokens=Tokens(),
+        prices=PriceTable(),
+        models=MODELS,
+        jobs=jobs,
+        limits=PipelineLimits(async_poll_s=0.01, async_poll_max_s=0.01),
+    )
+    return p, cache, ledger, jobs
+
+
+async def test_async_job_holds_its_reservation_until_done_then_commits_once() -> None:
+    p, cache, ledger, jobs = make_async()
+    sub = await p.submit(req())
+    assert sub.state is JobState.QUEUED and sub.job_id.startswith("full.") and cache.leases == {}
+    assert list(ledger.reserved) == ["r1"] and ledger.ttls[-1] == PipelineLimits().async_reservation_ttl_s
+    status = await p.status(sub.job_id, ACME)
+    assert status.state is JobState.QUEUED and ledger.reserved
+    owner, meta, _ = jobs.jobs["j0"]
+    jobs.jobs["j0"] = (owner, meta, JobState.SUCCEEDED)
+    status = await p.status(sub.job_id, ACME)
+    assert status.result is not None and status.result.cost_micros == FULL_COST == ledger.committed
+    await asyncio.wait_for(p.drain(), 5)  # the background settler sees it finished too; commit is idempotent
+    assert ledger.reserved == {} and ledger.committed == FULL_COST
+
+
+async def test_async_failed_job_releases_and_foreign_tenant_cannot_read() -> None:
+    p, _, ledger, jobs = make_async()
+    sub = await p.submit(req())
+    with pytest.raises(NotFound):
+        await p.status(sub.job_id, Attribution(tenant="other"))
+    with pytest.raises(NotFound):
+        await p.status("bogus", ACME)
+    owner, meta, _ = jobs.jobs["j0"]
+    jobs.jobs["j0"] = (owner, meta, JobState.FAILED)
+    status = await p.status(sub.job_id, ACME)
+    assert status.state is JobState.FAILED and ledger.reserved == {} and ledger.committed == 0
+    await asyncio.wait_for(p.drain(), 5)
+
+
+async def test_async_cache_hit_answers_inline() -> None:
+    p, cache, ledger, jobs = make_async()
+    await p.generate(req(rid="warm"))
+    await p.drain()
+    sub = await p.submit(req(" what is 2+2? ", rid="again"))
+    assert sub.state is JobState.SUCCEEDED and sub.result is not None and sub.result.cache_hit
+    assert jobs.jobs == {}
+    status = await p.status(sub.job_id, ACME)
+    assert status.result == sub.result
+    with pytest.raises(NotFound):
+        await p.status(sub.job_id, Attribution(tenant="intruder"))
