@@ -27,6 +27,7 @@ import structlog
 from services.common.attribution import Attribution
 from services.common.errors import (
     CostmeshError,
+    FieldViolation,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -753,6 +754,11 @@ class Pipeline:
 
     async def status(self, job_id: str, attribution: Attribution, decision: Decision | None = None) -> AsyncStatus:
         """The job's state; a finished job is settled (committed or released) before its result is returned."""
+        if not attribution.tenant:
+            raise InvalidArgument(
+                "tenant is required",
+                violations=[FieldViolation("attribution.tenant", "required (request field or x-costmesh-tenant)")],
+            )
         if job_id in self._inline:
             tenant, result = self._inline[job_id]
             if tenant != attribution.tenant:

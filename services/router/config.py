@@ -1,0 +1,48 @@
+"""Settings of the router: ``COSTMESH_ROUTER_<FIELD>`` (nested with ``__``) or the ``router:`` YAML section."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from services.common.pricing import PriceTable
+from services.common.settings import DEFAULT_PORTS, ServiceSettings, service_settings_config
+
+
+class RouterSettings(ServiceSettings):
+    model_config = service_settings_config("router")
+
+    port: int = Field(DEFAULT_PORTS["router"], ge=0, le=65535, description="gRPC port.")
+
+    # --- where the other services are (host:port, a comma-separated list, or dns:///name:port) ---
+    cache_target: str | None = Field("127.0.0.1:50052", description="Cache service; unset = no response cache.")
+    budget_target: str = Field("127.0.0.1:50053", description="Budget service.")
+    infer_targets: dict[str, str] = Field(
+        default_factory=lambda: {"cheap": "127.0.0.1:50054", "full": "127.0.0.1:50055"},
+        description="Workers per tier; round-robin over every address a target resolves to.",
+    )
+    models: dict[str, str] = Field(
+        default_factory=lambda: {"cheap": "cheap", "full": "full"},
+        description="Model name each tier's workers serve (prices and cache keys use it).",
+    )
+    tokenizer_dirs: dict[str, Path | None] = Field(
+        default_factory=lambda: dict[str, Path | None](cheap=Path("var/models/cheap"), full=Path("var/models/full")),
+        description="Tokenizer directory per tier for reservation estimates; missing = conservative estimate.",
+    )
+    prices: PriceTable = Field(default_factory=PriceTable, description="Price table (micro-USD per 1M tokens).")
+
+    # --- calls to the other services ---
+    cache_timeout_s: float = Field(0.5, gt=0, description="Deadline of cache calls (plus the coalescing wait).")
+    cache_wait_ms: int = Field(10_000, ge=0, description="Most time to wait for an identical in-flight miss.")
+    budget_timeout_s: float = Field(2.0, gt=0, description="Deadline of budget calls.")
+    infer_timeout_s: float = Field(300.0, gt=0, description="Deadline of a generation (capped by the caller's).")
+    reservation_ttl_s: int = Field(300, ge=1, description="Reservation lifetime of interactive requests.")
+    async_reservation_ttl_s: int = Field(6 * 3600, ge=1, description="Reservation lifetime of async requests.")
+    fail_open_budget: bool = Field(False, description="Serve without a reservation when the budget is down.")
+
+    # --- request limits ---
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens of requests that leave it 0.")
+    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    max_messages: int = Field(256, ge=1, description="Most messages in one request.")
+    max_total_chars: int = Field(1_000_000, ge=1, description="Most characters over all messages.")
