@@ -23,7 +23,9 @@ from enum import Enum
 from typing import Protocol
 
 import structlog
+from opentelemetry import trace
 
+from services.common import semconv as sc
 from services.common.attribution import Attribution
 from services.common.errors import (
     CostmeshError,
@@ -325,6 +327,48 @@ class _CapMemory:
         self._caps[(tenant, feature)] = (cap, time.monotonic() + self.ttl_s)
 
 
+def _annotate_request(span: trace.Span, inp: GenerateInput, max_tokens: int) -> None:
+    if not span.is_recording():
+        return
+    a = inp.attribution
+    span.set_attributes(
+        {
+            sc.GEN_AI_OPERATION_NAME: "chat",
+            sc.GEN_AI_REQUEST_MAX_TOKENS: max_tokens,
+            sc.REQUEST_ID: inp.request_id,
+            sc.TENANT: a.tenant,
+            sc.TEAM: a.team,
+            sc.FEATURE: a.feature,
+            sc.QUEUE_CLASS: "interactive",
+        }
+    )
+
+
+def _annotate_result(span: trace.Span, r: GenerateResult) -> None:
+    if not span.is_recording():
+        return
+    attrs: dict[str, str | bool | int | float | list[str]] = {
+        sc.GEN_AI_REQUEST_MODEL: r.model,
+        sc.GEN_AI_RESPONSE_MODEL: r.model,
+        sc.GEN_AI_USAGE_INPUT_TOKENS: r.usage.input_tokens,
+        sc.GEN_AI_USAGE_OUTPUT_TOKENS: r.usage.output_tokens,
+        sc.CACHED_INPUT_TOKENS: r.usage.cached_input_tokens,
+        sc.GEN_AI_RESPONSE_FINISH_REASONS: [r.finish_reason.name.lower()],
+        sc.COST_MICROS: r.cost_micros,
+        sc.BASELINE_MICROS: r.baseline_micros,
+        sc.TIER: r.tier.label,
+        sc.ROUTE_SCORE: r.decision.score,
+        sc.ROUTE_POLICY: r.decision.policy,
+        sc.CACHE_HIT: r.cache_hit,
+        sc.CACHE_COALESCED: r.coalesced,
+        sc.CACHE_SAVED_MICROS: r.saved_micros if r.cache_hit else 0,
+        sc.ESCALATED: r.escalated,
+    }
+    if r.budget_remaining_micros is not None:
+        attrs[sc.BUDGET_REMAINING_MICROS] = r.budget_remaining_micros
+    span.set_attributes(attrs)
+
+
 def validate(inp: GenerateInput, limits: PipelineLimits) -> None:
     """Every bad field at once, as INVALID_ARGUMENT with BadRequest."""
     v = Validator()
@@ -464,11 +508,15 @@ class Pipeline:
         validate(inp, self.limits)
         if not inp.request_id:
             inp = replace(inp, request_id=uuid.uuid4().hex)
+        span = trace.get_current_span()
+        _annotate_request(span, inp, self._max_tokens(inp))
         decision = self.decide(inp)
+        span.set_attributes({sc.ROUTE_SCORE: decision.score, sc.ROUTE_UNCERTAIN: decision.uncertain})
         settle = _Settlement(self._budget, self._cache, inp.attribution)
         lookup = await self._lookup(inp, decision.tier)
         if lookup.outcome is LookupOutcome.HIT and lookup.answer is not None:
             result = self._hit(inp, decision, lookup)
+            _annotate_result(span, result)
             yield TextDelta(result.text)
             yield result
             return
@@ -476,6 +524,8 @@ class Pipeline:
             settle.lease = (lookup.key, lookup.lease_id)
         try:
             async for event in self._miss(inp, decision, settle):
+                if isinstance(event, GenerateResult):
+                    _annotate_result(span, event)
                 yield event
         except BaseException:
             await settle.settle_failure()
@@ -614,6 +664,7 @@ class Pipeline:
             )
             first = await anext(stream)
         ttft_ms = (time.perf_counter() - t0) * 1000
+        trace.get_current_span().add_event(sc.EVENT_FIRST_TOKEN, {sc.TTFT_MS: ttft_ms})
         chunk: InferChunk | None = first
         while chunk is not None:
             if chunk.text:
