@@ -1,0 +1,1 @@
+"""The budget service: atomic reservations with hard stops, settlement, and cost attribution."""

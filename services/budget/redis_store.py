@@ -1,0 +1,358 @@
+"""The Redis budget store: one Lua script per operation (EVALSHA, reloaded on NOSCRIPT by redis-py's Script).
+
+Key layout and record formats: :mod:`services.budget.redis_scripts`. Every key of a tenant carries the hash tag
+``{t:<tenant>}``, so all of a tenant's scopes (tenant, team, feature, end user), reservations and usage live in one
+slot and one script settles them atomically on Redis Cluster. The global scope lives in its own slot (``{g}``):
+
+* standalone Redis (``cluster=False``, the default): the global keys are passed to the same script, so global and
+  tenant limits are checked and reserved in one atomic step;
+* Redis Cluster (``cluster=True``): a Reserve first reserves on the global slot (one script), then on the tenant
+  slot (one script); if the tenant step does not admit, the global reservation is undone. The global limit is
+  never overspent (money is held globally *before* the tenant admits), at the price of a short over-reservation
+  while a rejected request is being undone. Commit and Release settle the tenant first, then the global slot;
+  both steps are idempotent, so a retried Commit finishes a settlement a crash interrupted. Rationale in
+  services/budget/README.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ClusterDownError, ConnectionError, TimeoutError
+
+from services.budget import redis_scripts
+from services.budget.model import (
+    COUNTER_CODES,
+    SEP,
+    Buckets,
+    Policy,
+    Scope,
+    ScopeSnapshot,
+    UsageCounters,
+    UsageDims,
+    UsageRecord,
+    applicable_scopes,
+)
+from services.budget.store import (
+    CommitCommand,
+    CommitOutcome,
+    CommitStatus,
+    ReleaseOutcome,
+    ReserveCommand,
+    ReserveOutcome,
+    ReserveStatus,
+    SavingsCommand,
+    StoreUnavailable,
+)
+from services.budget.usage import seed_cells, seed_from
+from services.budget.windows import MINUTE_MS
+
+T = TypeVar("T")
+G = "{g}"
+BLOCK = 15
+_CODE_FIELD = dict(COUNTER_CODES)
+_RESERVE_STATUS: dict[int, ReserveStatus] = {1: "admitted", 0: "rejected", 2: "replayed"}
+_COMMIT_STATUS: dict[int, CommitStatus] = {1: "committed", 2: "replayed", -1: "not_found", -2: "released"}
+
+
+def tenant_prefix(tenant: str) -> str:
+    return "{t:" + tenant + "}"
+
+
+def _prefix(scope: Scope) -> str:
+    return G if scope.domain == "" else tenant_prefix(scope.domain)
+
+
+def _snaps(tenant: str, reply: Sequence[Any], start: int) -> list[ScopeSnapshot]:
+    out: list[ScopeSnapshot] = []
+    for i in range(start, len(reply), BLOCK):
+        sk, pj, rc, rt, hc, ht, dc, dt, mc, mt, lc, lt, rn, rk, ro = reply[i : i + BLOCK]
+        policy = Policy.from_json(Scope.from_key(tenant, sk), pj)
+        out.append(ScopeSnapshot(policy, rc, rt, ((hc, ht), (dc, dt), (mc, mt), (lc, lt)), rn, rk, ro))
+    return out
+
+
+class RedisBudgetStore:
+    """:class:`services.budget.store.BudgetStore` on Redis (standalone or Cluster)."""
+
+    def __init__(
+        self,
+        *,
+        client: Redis | RedisCluster,
+        cluster: bool = False,
+        retention_ms: int = 86_400_000,
+        minute_retention_ms: int = 8 * 86_400_000,
+        hour_retention_ms: int = 400 * 86_400_000,
+    ) -> None:
+        self._r = client
+        self._cluster = cluster
+        self._retention_ms = retention_ms
+        self._minute_ttl = minute_retention_ms
+        self._hour_ttl = hour_retention_ms
+        self._reserve = client.register_script(redis_scripts.RESERVE)
+        self._commit = client.register_script(redis_scripts.COMMIT)
+        self._release = client.register_script(redis_scripts.RELEASE)
+        self._global_settle = client.register_script(redis_scripts.GLOBAL_SETTLE)
+        self._global_release = client.register_script(redis_scripts.GLOBAL_RELEASE)
+        self._snapshot = client.register_script(redis_scripts.SNAPSHOT)
+        self._put_policy = client.register_script(redis_scripts.PUT_POLICY)
+        self._savings = client.register_script(redis_scripts.SAVINGS)
+        self._known_tenants: set[str] = set()
+
+    async def _io(self, awaitable: Awaitable[T]) -> T:
+        try:
+            return await awaitable
+        except (ConnectionError, TimeoutError, ClusterDownError, OSError) as err:
+            raise StoreUnavailable(f"redis: {err}") from err
+
+    async def _register_tenant(self, tenant: str) -> None:
+        if tenant and tenant not in self._known_tenants:
+            await self._io(self._r.sadd(G + ":tenants", tenant))
+            self._known_tenants.add(tenant)
+
+    async def ping(self) -> None:
+        await self._io(self._r.ping())
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+    # -- policies ---------------------------------------------------------------------------------------------
+
+    async def put_policy(self, policy: Policy, *, at: Buckets) -> bool:
+        scope = policy.scope
+        p = _prefix(scope)
+        await self._register_tenant(scope.domain)
+        existed = await self._io(self._r.hexists(p + ":pol", scope.key))
+        seed: tuple[tuple[int, int], ...] = ((0, 0),) * 4
+        if not existed:
+            # Not atomic with the script below: a commit landing in between is not seeded (documented).
+            tenants = [scope.domain] if scope.domain else await self.tenants()
+            per_window = {}
+            for window, cells in seed_cells(at).items():
+                records: list[UsageRecord] = []
+                for tenant in tenants:
+                    records += await self.usage(tenant, cells)
+                per_window[window] = records
+            seed = seed_from(scope, per_window)
+        (hc, ht), (dc, dt), (mc, mt), (lc, lt) = seed
+        result = await self._io(
+            self._put_policy(
+                keys=[p + ":pol", p + ":st"],
+                args=[scope.key, policy.to_json(), at.hour, hc, ht, at.day, dc, dt, at.month, mc, mt, lc, lt],
+            )
+        )
+        return int(result) == 0
+
+    async def get_policy(self, scope: Scope) -> Policy | None:
+        text = await self._io(self._r.hget(_prefix(scope) + ":pol", scope.key))
+        return None if text is None else Policy.from_json(scope, str(text))
+
+    async def snapshot(self, scope: Scope, *, at: Buckets) -> ScopeSnapshot | None:
+        p = _prefix(scope)
+        reply = await self._io(
+            self._snapshot(
+                keys=[p + ":pol", p + ":st", p + ":exp", p + ":res", p + ":rl:" + scope.key],
+                args=[at.now_ms, scope.key, at.hour, at.day, at.month],
+            )
+        )
+        snaps = _snaps(scope.tenant, reply, 0)
+        return snaps[0] if snaps else None
+
+    # -- reservations -----------------------------------------------------------------------------------------
+
+    def _domain_keys(self, p: str) -> list[str]:
+        return [p + ":pol", p + ":st", p + ":exp", p + ":res", p + ":gc"]
+
+    async def reserve(self, cmd: ReserveCommand) -> ReserveOutcome:
+        a = cmd.attribution
+        tenant = a.tenant
+        p = tenant_prefix(tenant)
+        tscopes = [s.key for s in applicable_scopes(a)[1:]]
+        at = cmd.at
+        head: list[Any] = [
+            cmd.at.now_ms,
+            cmd.expires_ms,
+            cmd.est_cost,
+            cmd.est_tokens,
+            cmd.reservation_id,
+            cmd.request_id,
+            a.team,
+            a.feature,
+            a.end_user,
+            cmd.model,
+            cmd.tier,
+            at.hour,
+            at.day,
+            at.month,
+            cmd.expires_ms + cmd.retention_ms,
+        ]
+        gid = tenant + SEP + cmd.reservation_id
+        tkeys = [p + ":req", *self._domain_keys(p)]
+        trate = [p + ":rl:" + sk for sk in tscopes]
+        if not self._cluster:
+            reply = await self._io(
+                self._reserve(
+                    keys=[*tkeys, *self._domain_keys(G), *trate, G + ":rl:g"],
+                    args=[*head, 1, 2, cmd.reservation_id, len(tscopes), *tscopes, gid, 1, "g"],
+                )
+            )
+            return ReserveOutcome(_RESERVE_STATUS[reply[0]], reply[1], int(reply[2]), tuple(_snaps(tenant, reply, 3)))
+        # Cluster: global slot first (holds the money), then the tenant slot; undo the global hold unless admitted.
+        g_reply = await self._io(
+            self._reserve(keys=[G + ":req", *self._domain_keys(G), G + ":rl:g"], args=[*head, 0, 1, gid, 1, "g"])
+        )
+        g_snaps = _snaps("", g_reply, 3)
+        if g_reply[0] == 0:
+            return ReserveOutcome("rejected", "", 0, tuple(g_snaps))
+        held = bool(g_snaps)
+        try:
+            reply = await self._io(
+                self._reserve(keys=[*tkeys, *trate], args=[*head, 1, 1, cmd.reservation_id, len(tscopes), *tscopes])
+            )
+        except BaseException:
+            if held:
+                await self._undo_global(gid, at)
+            raise
+        status = _RESERVE_STATUS[reply[0]]
+        if status != "admitted" and held:
+            await self._undo_global(gid, at)
+            g_snaps = [self._unhold(s, cmd) for s in g_snaps]
+        return ReserveOutcome(status, reply[1], int(reply[2]), tuple(_snaps(tenant, reply, 3) + g_snaps))
+
+    @staticmethod
+    def _unhold(snap: ScopeSnapshot, cmd: ReserveCommand) -> ScopeSnapshot:
+        from dataclasses import replace
+
+        return replace(
+            snap,
+            reserved_micros=snap.reserved_micros - cmd.est_cost,
+            reserved_tokens=snap.reserved_tokens - cmd.est_tokens,
+        )
+
+    async def _undo_global(self, gid: str, at: Buckets) -> None:
+        await self._io(self._global_release(keys=[G + ":st", G + ":exp", G + ":res"], args=[at.now_ms, gid, 1]))
+
+    def _usage_keys(self, p: str, at: Buckets) -> list[str]:
+        return [p + f":u:m:{at.now_ms // MINUTE_MS}", p + f":u:h:{at.hour}", p + f":u:d:{at.day}", p + ":u:L"]
+
+    async def commit(self, cmd: CommitCommand) -> CommitOutcome:
+        tenant = cmd.tenant
+        p = tenant_prefix(tenant)
+        at = cmd.at
+        await self._register_tenant(tenant)
+        u = cmd.usage
+        keys = [*self._domain_keys(p), *self._usage_keys(p, at), p + ":meta"]
+        gc_at = at.now_ms + self._retention_ms
+        args: list[Any] = [
+            at.now_ms,
+            cmd.reservation_id,
+            cmd.actual_cost,
+            u.input_tokens,
+            u.output_tokens,
+            u.cached_input_tokens,
+            cmd.model,
+            cmd.tier,
+            cmd.saved_micros,
+            at.hour,
+            at.day,
+            at.month,
+            self._minute_ttl,
+            self._hour_ttl,
+        ]
+        if not self._cluster:
+            reply = await self._io(self._commit(keys=[*keys, *self._domain_keys(G)], args=[*args, 1, tenant, gc_at]))
+        else:
+            reply = await self._io(self._commit(keys=keys, args=[*args, 0, tenant, gc_at]))
+        status = _COMMIT_STATUS[reply[0]]
+        if status in ("not_found", "released"):
+            return CommitOutcome(status)
+        snaps = _snaps(tenant, reply, 5)
+        if self._cluster:
+            g_reply = await self._io(
+                self._global_settle(
+                    keys=self._domain_keys(G),
+                    args=[
+                        at.now_ms,
+                        tenant + SEP + cmd.reservation_id,
+                        reply[1],
+                        reply[4],
+                        at.hour,
+                        at.day,
+                        at.month,
+                        gc_at,
+                    ],
+                )
+            )
+            snaps += _snaps("", g_reply, 0)
+        return CommitOutcome(status, int(reply[1]), bool(reply[2]), bool(reply[3]), tuple(snaps))
+
+    async def release(self, tenant: str, reservation_id: str, *, at: Buckets) -> ReleaseOutcome:
+        p = tenant_prefix(tenant)
+        keys = [p + ":st", p + ":exp", p + ":res"]
+        gkeys = [G + ":st", G + ":exp", G + ":res"]
+        gid = tenant + SEP + reservation_id
+        if not self._cluster:
+            reply = await self._io(self._release(keys=[*keys, *gkeys], args=[at.now_ms, reservation_id, 1, tenant]))
+        else:
+            reply = await self._io(self._release(keys=keys, args=[at.now_ms, reservation_id, 0, tenant]))
+            if reply[2] == "r":
+                await self._io(self._global_release(keys=gkeys, args=[at.now_ms, gid, 0]))
+        if reply[0] == -1:
+            return ReleaseOutcome("not_found")
+        if reply[0] == 2:
+            return ReleaseOutcome("replayed")
+        return ReleaseOutcome("released", int(reply[1]))
+
+    # -- savings and usage ------------------------------------------------------------------------------------
+
+    async def record_savings(self, cmd: SavingsCommand) -> bool:
+        p = tenant_prefix(cmd.tenant)
+        await self._register_tenant(cmd.tenant)
+        at = cmd.at
+        reply = await self._io(
+            self._savings(
+                keys=[p + ":sav", p + ":savgc", *self._usage_keys(p, at), p + ":meta"],
+                args=[
+                    at.now_ms,
+                    cmd.request_id,
+                    cmd.dims.encode(),
+                    cmd.saved_micros,
+                    int(cmd.cache_hit),
+                    at.now_ms + cmd.retention_ms,
+                    self._minute_ttl,
+                    self._hour_ttl,
+                ],
+            )
+        )
+        return int(reply) == 1
+
+    async def usage(self, tenant: str, cells: Sequence[tuple[str, int]]) -> list[UsageRecord]:
+        p = tenant_prefix(tenant)
+        keys = [p + ":u:L" if level == "L" else f"{p}:u:{level}:{bucket}" for level, bucket in cells]
+        out: list[UsageRecord] = []
+        for start in range(0, len(keys), 256):
+            pipe = self._r.pipeline(transaction=False)
+            for key in keys[start : start + 256]:
+                pipe.hgetall(key)
+            results = await self._io(pipe.execute())
+            for fields in results:
+                merged: dict[str, UsageCounters] = {}
+                for field, value in fields.items():
+                    dims, code = field.rsplit("\x1e", 1)
+                    counters = merged.get(dims)
+                    if counters is None:
+                        counters = merged[dims] = UsageCounters()
+                    setattr(counters, _CODE_FIELD[code], int(value))
+                out += [UsageRecord(tenant, UsageDims.decode(d), c) for d, c in merged.items()]
+        return out
+
+    async def tenants(self) -> list[str]:
+        members = await self._io(self._r.smembers(G + ":tenants"))
+        return sorted(str(m) for m in members)
+
+    async def first_activity_ms(self, tenant: str) -> int | None:
+        value = await self._io(self._r.hget(tenant_prefix(tenant) + ":meta", "first"))
+        return None if value is None else int(value)

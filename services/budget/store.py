@@ -1,0 +1,143 @@
+"""The storage protocol of the budget service, and the commands and outcomes that cross it.
+
+Two implementations keep one contract (tests/integration/test_budget_store_contract.py runs against both):
+:class:`services.budget.sqlite_store.SqliteBudgetStore` (embedded default) and
+:class:`services.budget.redis_store.RedisBudgetStore` (production). Every method that decides or changes money is
+one atomic step in the store (one Lua script, one ``BEGIN IMMEDIATE`` transaction), and each such step first
+returns the money of every reservation whose TTL has passed, so expired reservations never count — no sweeper is
+needed for correctness.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from services.budget.model import Buckets, Policy, Scope, ScopeSnapshot, UsageDims, UsageRecord
+from services.common.attribution import Attribution
+from services.common.pricing import TokenUsage
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached (connection refused, timeout, database locked past the busy timeout)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveCommand:
+    reservation_id: str
+    """Id to give the reservation if it is admitted (a replay returns the original id instead)."""
+    request_id: str
+    attribution: Attribution
+    est_cost: int
+    est_tokens: int
+    expires_ms: int
+    model: str
+    tier: int
+    at: Buckets
+    retention_ms: int
+    """How long the record stays after it expires, for idempotent replays of Reserve, Commit and Release."""
+
+
+ReserveStatus = Literal["admitted", "rejected", "replayed"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveOutcome:
+    status: ReserveStatus
+    reservation_id: str
+    expires_ms: int
+    scopes: tuple[ScopeSnapshot, ...]
+    """Every applicable scope with a policy: after the reservation (admitted), as seen when rejecting (rejected),
+    or now (replayed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommitCommand:
+    tenant: str
+    reservation_id: str
+    actual_cost: int
+    usage: TokenUsage
+    model: str
+    tier: int
+    saved_micros: int
+    at: Buckets
+
+
+CommitStatus = Literal["committed", "replayed", "not_found", "released"]
+
+
+@dataclass(frozen=True, slots=True)
+class CommitOutcome:
+    status: CommitStatus
+    charged_micros: int = 0
+    over_estimate: bool = False
+    late: bool = False
+    """The reservation had expired (its money was already returned) before this commit charged the spend."""
+    scopes: tuple[ScopeSnapshot, ...] = ()
+
+
+ReleaseStatus = Literal["released", "replayed", "not_found"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseOutcome:
+    status: ReleaseStatus
+    released_micros: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SavingsCommand:
+    tenant: str
+    request_id: str
+    dims: UsageDims
+    saved_micros: int
+    cache_hit: bool
+    at: Buckets
+    retention_ms: int
+
+
+class BudgetStore(Protocol):
+    """Where policies, counters, reservations and usage rollups live."""
+
+    async def put_policy(self, policy: Policy, *, at: Buckets) -> bool:
+        """Create or replace the policy of ``policy.scope``; True when it was created.
+
+        A new policy starts its spent counters from the usage already recorded in the current windows, so a
+        budget set mid-month knows what the month has spent.
+        """
+        ...
+
+    async def get_policy(self, scope: Scope) -> Policy | None: ...
+
+    async def snapshot(self, scope: Scope, *, at: Buckets) -> ScopeSnapshot | None:
+        """The scope's counters now (expired reservations returned first); None when it has no policy."""
+        ...
+
+    async def reserve(self, cmd: ReserveCommand) -> ReserveOutcome: ...
+
+    async def commit(self, cmd: CommitCommand) -> CommitOutcome: ...
+
+    async def release(self, tenant: str, reservation_id: str, *, at: Buckets) -> ReleaseOutcome: ...
+
+    async def record_savings(self, cmd: SavingsCommand) -> bool:
+        """Add savings to the usage rollups; True when ``request_id`` was already recorded (nothing changes)."""
+        ...
+
+    async def usage(self, tenant: str, cells: Sequence[tuple[str, int]]) -> list[UsageRecord]:
+        """Usage rollup cells of ``tenant``: (level, bucket) with level m/h/d, or ("L", 0) for lifetime."""
+        ...
+
+    async def tenants(self) -> list[str]:
+        """Every tenant with recorded usage or a policy."""
+        ...
+
+    async def first_activity_ms(self, tenant: str) -> int | None:
+        """When ``tenant`` first recorded usage; None if never."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise :class:`StoreUnavailable` unless the store answers."""
+        ...
+
+    async def close(self) -> None: ...
