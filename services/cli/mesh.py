@@ -32,7 +32,15 @@ class MeshLayout:
             "router": DEFAULT_PORTS["router"],
         }
     )
-    with_metrics: bool = True
+    metrics_ports: dict[str, int] = field(
+        default_factory=lambda: {
+            "budget": DEFAULT_METRICS_PORTS["budget"],
+            "cache": DEFAULT_METRICS_PORTS["cache"],
+            "infer-cheap": INFER_METRICS_PORTS["cheap"],
+            "infer-full": INFER_METRICS_PORTS["full"],
+            "router": DEFAULT_METRICS_PORTS["router"],
+        }
+    )
 
     def target(self, name: str) -> str:
         return f"{self.host}:{self.ports[name]}"
@@ -40,9 +48,7 @@ class MeshLayout:
     def _common(self, svc: str, name: str) -> dict[str, str]:
         prefix = f"COSTMESH_{svc.upper()}_"
         env = {f"{prefix}HOST": self.host, f"{prefix}PORT": str(self.ports[name])}
-        if self.with_metrics:
-            metrics = INFER_METRICS_PORTS[name.split("-")[1]] if svc == "infer" else DEFAULT_METRICS_PORTS[svc]
-            env[f"{prefix}METRICS_PORT"] = str(metrics)
+        env[f"{prefix}METRICS_PORT"] = str(self.metrics_ports[name])
         if self.otlp_endpoint:
             env[f"{prefix}OTLP_ENDPOINT"] = self.otlp_endpoint
         if self.trace_sample_ratio is not None:
@@ -85,6 +91,8 @@ class MeshLayout:
                 "COSTMESH_ROUTER_CACHE_TARGET": self.target("cache"),
                 "COSTMESH_ROUTER_INFER_TARGETS__CHEAP": self.target("infer-cheap"),
                 "COSTMESH_ROUTER_INFER_TARGETS__FULL": self.target("infer-full"),
+                "COSTMESH_ROUTER_TOKENIZER_DIRS__CHEAP": str(self.models_dir / "cheap"),
+                "COSTMESH_ROUTER_TOKENIZER_DIRS__FULL": str(self.models_dir / "full"),
             }
         )
         specs.append(ChildSpec("router", python_module("services.router"), router))
