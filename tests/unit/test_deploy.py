@@ -126,13 +126,13 @@ def test_keda_scales_workers_on_their_stream_and_interactive_queue(overlay: str)
         for trig in so["spec"]["triggers"]:
             by_type.setdefault(trig["type"], []).append(trig)
         streams = by_type["redis-streams"]
-        assert {t["metadata"]["stream"] for t in streams} == {f"costmesh:jobs:{{{tier}}}"}
+        assert {t["metadata"]["stream"] for t in streams} == {f"costmesh:infer:{{{tier}}}:stream"}
         assert {t["metadata"]["consumerGroup"] for t in streams} == {"workers"}
         assert {"lagCount", "pendingEntriesCount"} <= {k for t in streams for k in t["metadata"]}
         (prom,) = by_type["prometheus"]
         assert f'tier="{tier}"' in prom["metadata"]["query"]
         # The stream name and group are a contract with the infer service: deploy/README.md states them.
-        assert f"costmesh:jobs:{{{tier}}}" in README
+        assert f"costmesh:infer:{{{tier}}}:stream" in README
     assert "`workers`" in README
 
 
