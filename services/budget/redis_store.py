@@ -16,12 +16,14 @@ slot and one script settles them atomically on Redis Cluster. The global scope l
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ClusterDownError, ConnectionError, TimeoutError
+from redis.exceptions import ClusterDownError, ConnectionError, RedisClusterException, TimeoutError
 
 from services.budget import redis_scripts
 from services.budget.model import (
@@ -101,12 +103,31 @@ class RedisBudgetStore:
         self._put_policy = client.register_script(redis_scripts.PUT_POLICY)
         self._savings = client.register_script(redis_scripts.SAVINGS)
         self._known_tenants: set[str] = set()
+        # redis-py's cluster client initialises itself lazily, and concurrent first calls race inside that
+        # initialisation; initialise it once, under a lock, before the first call.
+        self._cluster_ready = not isinstance(client, RedisCluster)
+        self._init_lock = asyncio.Lock()
+
+    async def _init_cluster(self) -> None:
+        async with self._init_lock:
+            if not self._cluster_ready:
+                assert isinstance(self._r, RedisCluster)
+                try:
+                    await self._r.initialize()
+                except RedisClusterException as err:  # "cannot be connected": no node reachable
+                    raise StoreUnavailable(f"redis cluster: {err}") from err
+                self._cluster_ready = True
 
     async def _io(self, awaitable: Awaitable[T]) -> T:
         try:
+            if not self._cluster_ready:
+                await self._init_cluster()
             return await awaitable
         except (ConnectionError, TimeoutError, ClusterDownError, OSError) as err:
             raise StoreUnavailable(f"redis: {err}") from err
+        finally:
+            if inspect.iscoroutine(awaitable) and inspect.getcoroutinestate(awaitable) == inspect.CORO_CREATED:
+                awaitable.close()  # never started (initialisation failed): no "never awaited" warning
 
     async def _register_tenant(self, tenant: str) -> None:
         if tenant and tenant not in self._known_tenants:

@@ -1,20 +1,27 @@
 """One contract for both budget stores (SQLite and a real redis-server), driven through the ledger.
 
-Every test runs against: the SQLite file store; Redis with the global scope in the same script (standalone); and
-Redis in cluster mode (global scope settled in its own slot, two steps), on a standalone server. A fake clock makes
+Every test runs against: the SQLite file store; Redis with the global scope in the same script (standalone);
+Redis in cluster mode (global scope settled in its own slot, two steps) on a standalone server; and the same on a
+real three-master Redis Cluster, whose client refuses any script whose keys span two slots. A fake clock makes
 TTL expiry and window rollover exact without sleeping.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import random
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from services.budget.ledger import (
     BudgetLedger,
@@ -35,6 +42,7 @@ from services.budget.usage import GroupBy
 from services.common.attribution import Attribution
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.common.pricing import TokenUsage
+from tests.support.redis_server import RedisServer
 
 
 def ms(text: str) -> int:
@@ -58,7 +66,8 @@ class Env:
     clock: Clock
     store: BudgetStore
     kind: str
-    make_ledger: Callable[[], BudgetLedger]
+    open_store: Callable[[], Awaitable[BudgetStore]]
+    """Another client of the same backing store (a second connection / connection pool)."""
 
 
 T0 = ms("2026-03-30T22:30:00")
@@ -69,37 +78,153 @@ FEATURE = ScopeInput(int(ScopeKind.FEATURE), "acme", "summaries")
 GLOBAL = ScopeInput(int(ScopeKind.GLOBAL))
 
 
+class RedisClusterServers:
+    """Three redis-server processes with cluster mode on, joined into one cluster (16384 slots over 3 masters)."""
+
+    def __init__(self) -> None:
+        self.nodes = [RedisServer(port=cluster_port()) for _ in range(3)]
+
+    def start(self) -> None:
+        for node in self.nodes:
+            start_with_args(node, ["--cluster-enabled", "yes", "--cluster-config-file", str(node.dir / "nodes.conf")])
+        subprocess.run(
+            [
+                shutil.which("redis-cli") or "redis-cli",
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{n.port}" for n in self.nodes],
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=30,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            out = subprocess.run(
+                [shutil.which("redis-cli") or "redis-cli", "-p", str(self.nodes[0].port), "cluster", "info"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            ).stdout
+            if "cluster_state:ok" in out:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("redis cluster did not reach cluster_state:ok")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+
+def cluster_port() -> int:
+    """A free port whose cluster-bus twin (port + 10000) is free and valid too."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, 55_000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a redis cluster node")
+
+
+def start_with_args(node: RedisServer, extra: list[str]) -> None:
+    """RedisServer.start with extra server arguments (cluster mode)."""
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    node.proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(node.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(node.dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", node.port), timeout=0.2) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"redis-server did not start on port {node.port}")
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli is needed to create a cluster")
+    cluster = RedisClusterServers()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture(
     params=[
         "sqlite",
         pytest.param("redis", marks=pytest.mark.redis),
         pytest.param("redis-cluster-mode", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=pytest.mark.redis),
     ]
 )
 async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
     clock = Clock(T0)
     stores: list[BudgetStore] = []
-    clients: list[Redis] = []
 
     async def new_store() -> BudgetStore:
+        s: BudgetStore
         if request.param == "sqlite":
-            s = SqliteBudgetStore(path=tmp_path / "budget.sqlite3")
-            await s.open()
+            sq = SqliteBudgetStore(path=tmp_path / "budget.sqlite3")
+            await sq.open()
+            s = sq
+        elif request.param == "redis-cluster":
+            cluster_client = RedisCluster.from_url(url, decode_responses=True)
+            if not stores:
+                await cluster_client.flushall(target_nodes=RedisCluster.PRIMARIES)
+            s = RedisBudgetStore(client=cluster_client, cluster=True)
         else:
-            client = Redis.from_url(url, decode_responses=True)
-            clients.append(client)
-            s = RedisBudgetStore(client=client, cluster=request.param == "redis-cluster-mode")  # type: ignore[assignment]
+            s = RedisBudgetStore(
+                client=Redis.from_url(url, decode_responses=True), cluster=request.param == "redis-cluster-mode"
+            )
         stores.append(s)
         return s
 
-    url = request.getfixturevalue("redis_url") if request.param != "sqlite" else ""
+    if request.param == "redis-cluster":
+        url = request.getfixturevalue("redis_cluster").url
+    else:
+        url = request.getfixturevalue("redis_url") if request.param != "sqlite" else ""
     store = await new_store()
-    settings = LedgerSettings(default_ttl_s=300, max_ttl_s=3600)
-
-    def make_ledger() -> BudgetLedger:
-        return BudgetLedger(store=store, settings=settings, clock=clock)
-
-    yield Env(make_ledger(), clock, store, request.param, make_ledger)
+    ledger = BudgetLedger(store=store, settings=LedgerSettings(default_ttl_s=300, max_ttl_s=3600), clock=clock)
+    yield Env(ledger, clock, store, request.param, new_store)
     for s in stores:
         await s.close()
 
@@ -536,15 +661,11 @@ async def test_bad_commit_release_and_policy_input(env: Env) -> None:
 # -- two ledgers (two processes' worth of clients) on one store ------------------------------------------------
 
 
-async def test_two_clients_on_one_store_never_overspend(env: Env, tmp_path: Path) -> None:
+async def test_two_clients_on_one_store_never_overspend(env: Env) -> None:
     k, cost = 7, 1_000
     await set_policy(env, TENANT, (Window.DAY, k * cost, None))
     await set_policy(env, GLOBAL, (Window.DAY, 100 * cost, None))
-    second = env.make_ledger()
-    if env.kind == "sqlite":  # a second connection on the same file, on its own thread
-        other = SqliteBudgetStore(path=tmp_path / "budget.sqlite3")
-        await other.open()
-        second = BudgetLedger(store=other, clock=env.clock)
+    second = BudgetLedger(store=await env.open_store(), clock=env.clock)
     ledgers = [env.ledger, second]
 
     async def one(i: int) -> bool:
@@ -558,5 +679,3 @@ async def test_two_clients_on_one_store_never_overspend(env: Env, tmp_path: Path
     assert sum(results) == k
     assert await reserved_and_spent(env, TENANT, Window.DAY) == (k * cost, 0)
     assert await reserved_and_spent(env, GLOBAL, Window.DAY) == (k * cost, 0)
-    if env.kind == "sqlite":
-        await other.close()
