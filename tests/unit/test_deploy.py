@@ -107,7 +107,7 @@ def test_dev_cpu_workers_build_local_models_and_use_no_gpu() -> None:
     for name in ("infer-cheap", "infer-full"):
         pod = named(objs, "Deployment", name)["spec"]["template"]["spec"]
         assert [c["name"] for c in pod["initContainers"]] == ["build-models"]
-        assert pod["initContainers"][0]["args"][:2] == ["models", "build"]
+        assert pod["initContainers"][0]["args"] == ["models", "build", "--out", "/models", "--tier", name[6:]]
         assert "nodeSelector" not in pod
         for c in pod["containers"]:
             assert "nvidia.com/gpu" not in c["resources"].get("limits", {})

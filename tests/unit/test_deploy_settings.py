@@ -189,6 +189,11 @@ def _parse(command: Any, args: list[str]) -> list[str]:
 
 
 def _all_costmesh_commands() -> list[Any]:
+    return [pytest.param(where, args, id=where, marks=_pending(args)) for where, args in _costmesh_commands()]
+
+
+def _costmesh_commands() -> list[tuple[str, list[str]]]:
+    """(where, args) of every container that runs the costmesh image."""
     commands: list[tuple[str, list[str]]] = []
     for overlay in vd.overlays():
         for obj in vd.render(overlay):
@@ -199,7 +204,7 @@ def _all_costmesh_commands() -> list[Any]:
     for name, svc in doc["services"].items():
         if str(svc.get("image", "")).startswith("costmesh"):
             commands.append((f"compose:{name}", list(svc["command"])))
-    return [pytest.param(where, args, id=where, marks=_pending(args)) for where, args in commands]
+    return commands
 
 
 def _pending(args: list[str]) -> list[pytest.MarkDecorator]:
@@ -220,6 +225,26 @@ def test_container_commands_parse_with_the_cli(where: str, args: list[str]) -> N
     command = typer.main.get_command(app)
     path = _parse(command, args)
     assert path[1:] == [a for a in args if not a.startswith("-")][: len(path) - 1], where
+
+
+@pytest.mark.parametrize(
+    ("where", "args"), [pytest.param(w, a, id=w) for w, a in _costmesh_commands() if a[:2] == ["models", "build"]]
+)
+def test_model_build_args_parse_with_the_infer_models_cli(where: str, args: list[str]) -> None:
+    """`costmesh models build ...` as services/infer/cli.py defines it (whether or not the main CLI mounts it yet)."""
+    from services.infer.cli import models_app
+
+    params = _params(typer.main.get_command(models_app), args[1:])
+    assert params["out"] == Path("/models"), where
+
+
+def _params(command: Any, args: list[str]) -> dict[str, Any]:
+    ctx = command.make_context("models", list(args), resilient_parsing=False)
+    while hasattr(ctx.command, "resolve_command"):
+        rest = [*getattr(ctx, "protected_args", getattr(ctx, "_protected_args", [])), *ctx.args]
+        name, sub, sub_args = ctx.command.resolve_command(ctx, rest)
+        ctx = sub.make_context(str(name), sub_args, parent=ctx, resilient_parsing=False)
+    return dict(ctx.params)
 
 
 def test_cli_parser_rejects_unknown_commands_and_options() -> None:
