@@ -46,6 +46,8 @@ class ServiceContainer:
     readiness_service: str | None = None
     liveness_service: str | None = None
     pod_annotations: Mapping[str, str] = field(default_factory=dict)
+    termination_grace_s: int | None = None  # the pod's terminationGracePeriodSeconds
+    pre_stop: tuple[str, ...] = ()  # the container's preStop exec command
 
     @property
     def id(self) -> str:
@@ -134,6 +136,8 @@ def k8s_containers(overlay: str) -> Iterator[ServiceContainer]:
                 readiness_service=c.get("readinessProbe", {}).get("grpc", {}).get("service", ""),
                 liveness_service=c.get("livenessProbe", {}).get("grpc", {}).get("service", ""),
                 pod_annotations=template.get("metadata", {}).get("annotations", {}),
+                termination_grace_s=pod_spec.get("terminationGracePeriodSeconds"),
+                pre_stop=tuple(c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])),
             )
 
 

@@ -124,6 +124,18 @@ def test_settings_load_and_agree_with_ports(
     assert container.pod_annotations["prometheus.io/port"] == str(settings.metrics_port)
 
 
+@pytest.mark.parametrize("container", [c for c in CONTAINERS if c.source != "compose"], ids=lambda c: c.id)
+def test_graceful_stop_fits_the_termination_grace_period(
+    container: dm.ServiceContainer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """preStop sleep + the service's own grace period (draining in-flight RPCs) end before the kubelet's SIGKILL."""
+    settings = load_settings(container, monkeypatch, tmp_path)
+    assert container.pre_stop[:1] == ("sleep",)
+    assert container.termination_grace_s is not None
+    budget = container.termination_grace_s - float(container.pre_stop[1])
+    assert settings.grace_period_s + 5 <= budget, f"{container.id}: grace {settings.grace_period_s}s, budget {budget}s"
+
+
 @pytest.mark.parametrize("overlay", vd.overlays())
 def test_probes_use_the_served_port_and_proto_service(overlay: str) -> None:
     for obj in vd.render(overlay):
