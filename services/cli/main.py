@@ -10,13 +10,21 @@ from typing import Annotated
 
 import typer
 
+from services.budget.cli import app as budget_app
+from services.cache.cli import app as cache_app
 from services.cli.mesh import MeshLayout
 from services.cli.supervisor import Supervisor
 from services.common.health import check_target
+from services.infer.cli import app as infer_app
+from services.infer.cli import models_app
 
 SERVICES = ("router", "cache", "budget", "infer")
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app.add_typer(budget_app, name="budget")
+app.add_typer(cache_app, name="cache")
+app.add_typer(models_app, name="models")
+app.add_typer(infer_app, name="infer")
 
 
 @app.command()
