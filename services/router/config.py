@@ -38,7 +38,9 @@ class RouterSettings(ServiceSettings):
     budget_timeout_s: float = Field(2.0, gt=0, description="Deadline of budget calls.")
     infer_timeout_s: float = Field(300.0, gt=0, description="Deadline of a generation (capped by the caller's).")
     reservation_ttl_s: int = Field(300, ge=1, description="Reservation lifetime of interactive requests.")
-    async_reservation_ttl_s: int = Field(6 * 3600, ge=1, description="Reservation lifetime of async requests.")
+    async_reservation_ttl_s: int = Field(
+        3600, ge=1, description="Reservation lifetime of async requests (at most the budget's max_ttl_s)."
+    )
     fail_open_budget: bool = Field(False, description="Serve without a reservation when the budget is down.")
 
     # --- request limits ---

@@ -302,7 +302,7 @@ class PipelineLimits:
     max_stop_sequences: int = 8
     fail_open_budget: bool = False
     cap_memory_s: float = 60.0
-    async_reservation_ttl_s: int = 6 * 3600
+    async_reservation_ttl_s: int = 3600
     async_poll_s: float = 0.5
     async_poll_max_s: float = 10.0
     inline_results: int = 10_000
