@@ -186,8 +186,11 @@ class RouterClient:
         request = router_pb2.GenerateStreamRequest()
         request.ParseFromString(base.SerializeToString())  # same fields, same numbers
         call = self._stub.GenerateStream(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
-        async for chunk in call:
-            yield chunk
+        try:
+            async for chunk in call:
+                yield chunk
+        finally:
+            call.cancel()  # closing the iterator early cancels the request (and releases its reservation)
 
     async def classify(self, prompt: str, *, max_tokens: int = 0) -> router_pb2.RouteDecision:
         request = router_pb2.ClassifyRequest(
