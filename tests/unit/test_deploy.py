@@ -364,6 +364,7 @@ def test_build_context_check(tmp_path: Path) -> None:
 def test_dockerignore_semantics() -> None:
     ignore = vd.DockerIgnore.parse((vd.ROOT / ".dockerignore").read_text(encoding="utf-8"))
     assert not ignore.excluded("pyproject.toml")
+    assert not ignore.excluded("requirements/constraints.txt")
     assert not ignore.excluded("services/common/settings.py")
     assert not ignore.excluded("costmesh/budget/v1/budget_pb2.py")
     assert ignore.excluded("services/common/__pycache__/settings.cpython-311.pyc")
