@@ -9,7 +9,7 @@ serialize alike):
 * the effective sampling parameters (unset temperature / top_p take their documented default of 1.0; stop
   sequences are a set; under greedy decoding, temperature 0, the seed and top_p cannot change the output and are
   left out so that greedy requests differing only in them share an entry),
-* the normalizer's fingerprint (its version and whole rule configuration),
+* the normalizer's digest (a hash of its version and whole rule configuration),
 * the whole conversation: every message's role, author name and normalized content, in order.
 """
 
@@ -83,7 +83,7 @@ def build_key(
         namespace,
         model,
         sampling.canonical(),
-        normalizer.fingerprint,
+        normalizer.digest,
         [[m.role.value, m.name.strip(), normalizer.normalize(m.content)] for m in messages],
     ]
     encoded = json.dumps(material, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()

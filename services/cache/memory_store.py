@@ -94,7 +94,7 @@ class MemoryStore:
             return Probe(ProbeState.HELD, lease_ttl_ms=max(1, round((held[1] - now) * 1000)))
         self._leases[slot] = (lease_id, now + lease_ttl_ms / 1000)
         self._counters[(namespace, tenant, feature)]["misses"] += 1
-        return Probe(ProbeState.LEASED, lease_ttl_ms=lease_ttl_ms)
+        return Probe(ProbeState.LEASED, lease_ttl_ms=lease_ttl_ms, lease_id=lease_id)
 
     def _holds(self, slot: tuple[str, str], lease_id: str) -> bool:
         held = self._leases.get(slot)

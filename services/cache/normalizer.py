@@ -23,12 +23,14 @@ entry stored under the old rules.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal
 
+from blake3 import blake3
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 #: Bump when the behaviour of a rule changes (not when a configuration changes: that is in the fingerprint).
@@ -92,8 +94,19 @@ _BUILTIN_PLACEHOLDER = {"ts": "<ts>", "uuid": "<uuid>", "date": "<date>", "epoch
 _LEFT = r"(?<![0-9A-Za-z_.])"
 _RIGHT = r"(?![0-9A-Za-z_]|\.\d)"
 
-_DIGIT = re.compile(r"\d")
-_SPACES = re.compile(r"\s+")
+_DIGIT_RUN = re.compile(r"\d+")
+# Where a scrubbed field can start: a letter or digit not glued to the previous token (see _LEFT).
+_TOKEN_START = re.compile(r"(?<![0-9A-Za-z_.])[0-9A-Za-z]")
+# Every built-in field contains a digit and starts at most _LEAD characters before its first digit (a weekday and a
+# month name: "Wednesday, September 1, …"). A hex id that opens with more letters than that is left alone (random
+# hex has a digit in its first 24 characters with probability 1 - (6/16)**24).
+_LEAD = 24
+_ASCII_DIGITS = frozenset("0123456789")
+_ASCII_ALNUM = frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_GLUED = _ASCII_ALNUM | {"_", "."}
+#: Normalized texts remembered per normalizer (only texts up to MEMO_MAX_CHARS).
+MEMO_ENTRIES = 4096
+MEMO_MAX_CHARS = 8192
 _INDENT = re.compile(r"[ \t]*")
 _INLINE_SPACES = re.compile(r"[^\S\n]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
@@ -138,7 +151,7 @@ class NormalizerConfig(BaseModel):
 class Normalizer:
     """Compiled rules of one :class:`NormalizerConfig`; :meth:`normalize` is pure and thread-safe."""
 
-    __slots__ = ("_custom", "_scrub", "_steps", "config", "fingerprint")
+    __slots__ = ("_custom", "_memo", "_scrub", "_steps", "config", "digest", "fingerprint")
 
     def __init__(self, config: NormalizerConfig | None = None) -> None:
         self.config = config = config or NormalizerConfig()
@@ -147,6 +160,8 @@ class Normalizer:
             sort_keys=True,
             separators=(",", ":"),
         )
+        #: BLAKE3 of the fingerprint: what cache keys include.
+        self.digest = blake3(self.fingerprint.encode()).hexdigest()
         self._custom = [(re.compile(p), f"<{name}>") for name, p in sorted(config.patterns.items())]
         enabled = [
             name
@@ -164,23 +179,31 @@ class Normalizer:
             alternation = "|".join(f"(?P<{name}>{_BUILTINS[name]})" for name in enabled)
             self._scrub = re.compile(f"{_LEFT}(?:{alternation}){_RIGHT}", re.IGNORECASE)
         steps: list[Callable[[str], str]] = []
+        # ASCII text is NFKC-normal and has no typographic characters: both steps are skipped for it.
         if config.nfkc:
-            steps.append(lambda s: unicodedata.normalize("NFKC", s))
+            steps.append(lambda s: s if s.isascii() else unicodedata.normalize("NFKC", s))
         if config.fold_typography:
-            steps.append(lambda s: s.translate(_TYPOGRAPHY))
+            steps.append(lambda s: s if s.isascii() else s.translate(_TYPOGRAPHY))
         if self._custom:
             steps.append(self._apply_custom)
         if self._scrub is not None:
             steps.append(self._apply_builtin)
         if config.whitespace == "collapse":
-            steps.append(lambda s: _SPACES.sub(" ", s).strip())
+            steps.append(lambda s: " ".join(s.split()))
         elif config.whitespace == "lines":
             steps.append(_collapse_lines)
         if config.casefold:
             steps.append(str.casefold)
         self._steps = tuple(steps)
+        # Prompts repeat verbatim (fixed system prompts, retried questions): remember recent results.
+        self._memo = functools.lru_cache(maxsize=MEMO_ENTRIES)(self._normalize)
 
     def normalize(self, text: str) -> str:
+        if len(text) <= MEMO_MAX_CHARS:
+            return self._memo(text)
+        return self._normalize(text)
+
+    def _normalize(self, text: str) -> str:
         for step in self._steps:
             text = step(text)
         return text
@@ -191,11 +214,67 @@ class Normalizer:
         return text
 
     def _apply_builtin(self, text: str) -> str:
-        assert self._scrub is not None
-        # Cheap pre-check: every built-in field contains a digit.
-        if _DIGIT.search(text) is None:
+        """``self._scrub.sub(_placeholder, text)``, but trying the pattern only where a field can start.
+
+        A regex ``sub`` tries every alternative at every position; fields are rare and all hold a digit, so this
+        visits each run of digits and tries the pattern at the few token starts that could begin a field holding
+        it, in ascending order, as ``sub`` would (the equivalence is a property test; the one difference is a hex
+        id that opens with more than _LEAD letters).
+        """
+        scrub = self._scrub
+        assert scrub is not None
+        out: list[str] = []
+        done = 0  # text[:done] is emitted
+        pos = 0  # the next digit run starts at or after pos
+        while (digit := _next_digit(text, pos)) >= 0:
+            pos = _run_end(text, digit)
+            for start in _token_starts(text, max(done, digit - _LEAD), digit):
+                match = scrub.match(text, start)
+                if match is not None:
+                    out.append(text[done:start])
+                    out.append(_placeholder(match))
+                    done = pos = match.end()
+                    break
+        if not out:
             return text
+        out.append(text[done:])
+        return "".join(out)
+
+    def _apply_builtin_reference(self, text: str) -> str:
+        """The plain definition of :meth:`_apply_builtin` (tests compare the two)."""
+        assert self._scrub is not None
         return self._scrub.sub(_placeholder, text)
+
+
+def _next_digit(text: str, pos: int) -> int:
+    """Index of the first digit at or after ``pos``, or -1 (ASCII text: str.find, much faster than a regex)."""
+    if not text.isascii():
+        found = _DIGIT_RUN.search(text, pos)
+        return found.start() if found is not None else -1
+    first = end = len(text)
+    for d in "0123456789":
+        index = text.find(d, pos, first)
+        if index != -1:
+            first = index
+    return first if first < end else -1
+
+
+def _run_end(text: str, digit: int) -> int:
+    end = len(text)
+    while digit < end and text[digit].isdigit():
+        digit += 1
+    return digit
+
+
+def _token_starts(text: str, lo: int, hi: int) -> Iterator[int]:
+    """Positions in [lo, hi] where a letter or digit follows neither a letter, a digit, '_' nor '.'."""
+    if not text.isascii():
+        for m in _TOKEN_START.finditer(text, lo, hi + 1):
+            yield m.start()
+        return
+    for i in range(lo, hi + 1):
+        if text[i] in _ASCII_ALNUM and (i == 0 or text[i - 1] not in _GLUED):
+            yield i
 
 
 def _placeholder(match: re.Match[str]) -> str:

@@ -129,14 +129,17 @@ class RedisStore:
         max_connections: int = 64,
         **kwargs: Any,
     ) -> RedisStore:
-        client = aioredis.Redis.from_url(
+        # A blocking pool: past max_connections a call waits (up to the timeout) for a free connection instead of
+        # failing, so a burst above the pool size queues rather than failing open.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=timeout_ms / 1000,
             socket_timeout=timeout_ms / 1000,
             socket_connect_timeout=timeout_ms / 1000,
             retry=Retry(NoBackoff(), 1),
-            max_connections=max_connections,
         )
-        return cls(client, **kwargs)
+        return cls(aioredis.Redis.from_pool(pool), **kwargs)
 
     # -- keys -------------------------------------------------------------------------------------------------
 
@@ -248,7 +251,7 @@ class RedisStore:
         if state == 0:
             return Probe(ProbeState.ABSENT)
         if state == 2:
-            return Probe(ProbeState.LEASED, lease_ttl_ms=int(result[1]))
+            return Probe(ProbeState.LEASED, lease_ttl_ms=int(result[1]), lease_id=lease_id)
         return Probe(ProbeState.HELD, lease_ttl_ms=max(1, int(result[1])))
 
     async def fill(self, namespace: str, key: str, *, lease_id: str, entry: Entry, ttl_ms: int) -> bool:

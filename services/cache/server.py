@@ -16,7 +16,7 @@ from services.cache.namespaces import TENANT_ID
 from services.cache.policy import FinishReason
 from services.cache.singleflight import Counters, LookupQuery, Outcome, ResponseCache
 from services.common.attribution import Attribution, from_metadata
-from services.common.errors import Validator
+from services.common.errors import InvalidArgument, Validator
 
 _ROLES = {
     common_pb2.ROLE_SYSTEM: Role.SYSTEM,
@@ -60,42 +60,55 @@ def _check_attribution(v: Validator, attribution: Attribution, path: str = "attr
 
 
 def lookup_query(request: cache_pb2.LookupRequest, attribution: Attribution) -> LookupQuery:
-    """Validate a LookupRequest and translate it to the domain (raises InvalidArgument listing every bad field)."""
+    """Validate a LookupRequest and translate it to the domain (raises InvalidArgument listing every bad field).
+
+    On the hit path of every lookup: fields are read once and violation texts built only when a check fails."""
     v = Validator()
     _check_attribution(v, attribution)
-    v.require(bool(request.model.strip()), "model", "required: the model or tier that would serve the request")
-    v.require(len(request.model) <= MAX_MODEL_LEN, "model", "at most 128 characters")
-    v.require(len(request.messages) > 0, "messages", "at least one message is required", "EMPTY_MESSAGES")
+    model = request.model.strip()
+    if not model:
+        v.add("model", "required: the model or tier that would serve the request")
+    elif len(model) > MAX_MODEL_LEN:
+        v.add("model", "at most 128 characters")
     messages: list[Message] = []
     for i, m in enumerate(request.messages):
         role = _ROLES.get(m.role)
+        content = m.content
+        name = m.name
         if role is None:
             v.add(f"messages[{i}].role", "must be SYSTEM, USER, ASSISTANT or TOOL")
             continue
-        if role is Role.USER and not m.content.strip():
+        if role is Role.USER and not content.strip():
             v.add(f"messages[{i}].content", "a user message needs content")
-        v.require(len(m.name) <= MAX_NAME_LEN, f"messages[{i}].name", "at most 64 characters")
-        messages.append(Message(role, m.content, m.name))
+        if len(name) > MAX_NAME_LEN:
+            v.add(f"messages[{i}].name", "at most 64 characters")
+        messages.append(Message(role, content, name))
+    if not request.messages:
+        v.add("messages", "at least one message is required", "EMPTY_MESSAGES")
     s = request.sampling
     temperature = s.temperature if s.HasField("temperature") else None
     top_p = s.top_p if s.HasField("top_p") else None
-    if temperature is not None:
-        v.require(math.isfinite(temperature) and 0 <= temperature <= 2, "sampling.temperature", "must be in [0, 2]")
-    if top_p is not None:
-        v.require(math.isfinite(top_p) and 0 < top_p <= 1, "sampling.top_p", "must be in (0, 1]")
-    v.require(len(s.stop) <= MAX_STOP, "sampling.stop", "at most 8 stop sequences")
-    v.require(all(len(x) <= MAX_STOP_LEN for x in s.stop), "sampling.stop", "each at most 64 characters")
-    v.raise_if_any("invalid LookupRequest")
+    if temperature is not None and not (math.isfinite(temperature) and 0 <= temperature <= 2):
+        v.add("sampling.temperature", "must be in [0, 2]")
+    if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
+        v.add("sampling.top_p", "must be in (0, 1]")
+    stop = tuple(s.stop)
+    if len(stop) > MAX_STOP:
+        v.add("sampling.stop", "at most 8 stop sequences")
+    if any(len(x) > MAX_STOP_LEN for x in stop):
+        v.add("sampling.stop", "each at most 64 characters")
+    if v.violations:
+        raise InvalidArgument("invalid LookupRequest", violations=v.violations)
     return LookupQuery(
         tenant=attribution.tenant,
         feature=attribution.feature,
-        model=request.model.strip(),
+        model=model,
         messages=tuple(messages),
         sampling=Sampling(
             max_tokens=s.max_tokens,
             temperature=temperature,
             top_p=top_p,
-            stop=tuple(s.stop),
+            stop=stop,
             seed=s.seed if s.HasField("seed") else None,
         ),
         wait_ms=request.wait_ms,

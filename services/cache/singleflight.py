@@ -15,6 +15,7 @@ Lookup of a cacheable request:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import secrets
 import time
 from collections import defaultdict
@@ -27,7 +28,7 @@ import structlog
 from services.cache.keys import Message, Sampling, build_key
 from services.cache.namespaces import Namespaces
 from services.cache.policy import Decision, FinishReason
-from services.cache.store import COUNTERS, CacheStore, Entry, ProbeState, StoreUnavailable
+from services.cache.store import COUNTERS, CacheStore, Entry, Probe, ProbeState, StoreUnavailable
 from services.common.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 
 log = structlog.get_logger("costmesh.cache")
@@ -113,8 +114,8 @@ class Breaker:
         self._open_until = 0.0
 
     @property
-    def open(self) -> bool:
-        return self._failures > 0 and self._clock() < self._open_until
+    def failing(self) -> bool:
+        return self._failures > 0
 
     def allow(self) -> bool:
         return self._failures == 0 or self._clock() >= self._open_until
@@ -132,8 +133,16 @@ class Breaker:
         return was_failing
 
 
-def new_lease_id() -> str:
-    return secrets.token_hex(16)
+class LeaseIds:
+    """Lease ids unique across replicas and restarts: a random per-process prefix and a counter (cheaper than
+    urandom per lookup). Guessing one gains nothing: a lease only admits a Fill within its own namespace."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._next = itertools.count(1)
+
+    def new(self) -> str:
+        return f"{self._prefix}{next(self._next):x}"
 
 
 class ResponseCache:
@@ -157,6 +166,7 @@ class ResponseCache:
         self._max_wait_ms = max_wait_ms
         self._breaker = breaker or Breaker()
         self._wall_clock_ms = wall_clock_ms
+        self._lease_ids = LeaseIds()
         self._local: defaultdict[tuple[str, str], dict[str, int]] = defaultdict(
             lambda: dict.fromkeys(LOCAL_COUNTERS, 0)
         )
@@ -197,46 +207,55 @@ class ResponseCache:
         if not self._breaker.allow():
             self._local[(query.tenant, query.feature)]["store_errors"] += 1
             return LookupResult(Outcome.UNAVAILABLE, key, reason="STORE_UNAVAILABLE")
-        wait_ms = min(query.wait_ms or self._default_wait_ms, self._max_wait_ms)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_ms / 1000
-        waited = False
         try:
+            # Fast path: one atomic probe answers a hit, a miss (with our new lease) or a peek.
+            probe = await self._probe(namespace.name, key, query, coalesced=False)
+            if probe.state is not ProbeState.HELD:
+                return self._answer(probe, key, coalesced=False)
+            # Someone else holds the lease: register as a waiter *before* probing again, so that a fill landing
+            # between the probe and the wait still wakes us; then wait (bounded) and re-probe until answered.
+            wait_ms = min(query.wait_ms or self._default_wait_ms, self._max_wait_ms)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + wait_ms / 1000
             with self._store.watch(namespace.name, key) as waiter:
                 while True:
                     waiter.arm()
-                    lease_id = None if query.peek else new_lease_id()
-                    probe = await self._store.probe(
-                        namespace.name,
-                        key,
-                        tenant=query.tenant,
-                        feature=query.feature,
-                        lease_id=lease_id,
-                        lease_ttl_ms=self._lease_ttl_ms,
-                        coalesced=waited,
-                    )
-                    self._store_ok()
-                    if probe.state is ProbeState.HIT:
-                        return LookupResult(Outcome.HIT, key, entry=probe.entry, coalesced=waited)
-                    if probe.state is ProbeState.ABSENT:
-                        return LookupResult(Outcome.MISS, key)
-                    if probe.state is ProbeState.LEASED:
-                        assert lease_id is not None
-                        expires = self._wall_clock_ms() + probe.lease_ttl_ms
-                        return LookupResult(Outcome.MISS, key, lease=Lease(lease_id, key, expires))
+                    probe = await self._probe(namespace.name, key, query, coalesced=True)
+                    if probe.state is not ProbeState.HELD:
+                        return self._answer(probe, key, coalesced=True)
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         self._local[(query.tenant, query.feature)]["wait_timeouts"] += 1
                         return LookupResult(Outcome.WAIT_TIMEOUT, key, reason="LEASE_HELD")
-                    waited = True
                     await waiter.wait(min(remaining, probe.lease_ttl_ms / 1000 + 0.001))
         except StoreUnavailable as exc:
             self._store_failed(exc, "lookup")
             self._local[(query.tenant, query.feature)]["store_errors"] += 1
             return LookupResult(Outcome.UNAVAILABLE, key, reason="STORE_UNAVAILABLE")
 
+    async def _probe(self, namespace: str, key: str, query: LookupQuery, *, coalesced: bool) -> Probe:
+        probe = await self._store.probe(
+            namespace,
+            key,
+            tenant=query.tenant,
+            feature=query.feature,
+            lease_id=None if query.peek else self._lease_ids.new(),
+            lease_ttl_ms=self._lease_ttl_ms,
+            coalesced=coalesced,
+        )
+        self._store_ok()
+        return probe
+
+    def _answer(self, probe: Probe, key: str, *, coalesced: bool) -> LookupResult:
+        if probe.state is ProbeState.HIT:
+            return LookupResult(Outcome.HIT, key, entry=probe.entry, coalesced=coalesced)
+        if probe.lease_id is None:  # peek
+            return LookupResult(Outcome.MISS, key)
+        expires = self._wall_clock_ms() + probe.lease_ttl_ms
+        return LookupResult(Outcome.MISS, key, lease=Lease(probe.lease_id, key, expires))
+
     def _store_ok(self) -> None:
-        if self._breaker.success():
+        if self._breaker.failing and self._breaker.success():
             log.info("cache_store_recovered")
 
     def _store_failed(self, exc: StoreUnavailable, op: str) -> None:

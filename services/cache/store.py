@@ -58,6 +58,7 @@ class Probe:
     state: ProbeState
     entry: Entry | None = None
     lease_ttl_ms: int = 0
+    lease_id: str | None = None  # ours, when LEASED
 
 
 COUNTERS = ("hits", "misses", "coalesced_waits", "fills", "saved_micros")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.cache import normalizer as normalizer_module
 from services.cache.keys import Message, Role, Sampling, build_key
@@ -202,6 +206,8 @@ def test_bad_patterns_are_rejected_at_configuration(patterns: dict[str, str], me
         NormalizerConfig(patterns=patterns)
 
 
+ALL_SCRUBBERS = NormalizerConfig(scrub_dates=True)
+
 RAW = NormalizerConfig(
     nfkc=False,
     fold_typography=False,
@@ -217,3 +223,40 @@ RAW = NormalizerConfig(
 def test_every_must_hit_pair_would_miss_on_a_raw_key(a: str, b: str) -> None:
     """The table is meaningful: without normalization each pair is a miss."""
     assert key(a, config=RAW) != key(b, config=RAW)
+
+
+_WORDS = [
+    "Current", "time", "at", "on", "May", "Wed", "Wednesday", "June", "Sept", "PM", "a.m.", "UTC", "GMT", "Z", "T",
+    "+02:00", "-0500", "id", "0x", "deadbeef", "cafe", "Face", "Order", "v1.2.3", "3.14", "-", "é", "ß", "\u00a0",
+]  # fmt: skip
+_DATETIMES = st.datetimes(min_value=datetime(2001, 1, 1), max_value=datetime(2033, 1, 1))
+_FORMATS = ["%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%d %H:%M:%S", "%a, %d %b %Y %H:%M:%S GMT", "%B %d, %Y at %I:%M %p", "%m/%d/%Y",
+            "%Y%m%dT%H%M%SZ", "%d %b %Y", "%H:%M", "%Y-%m-%d"]  # fmt: skip
+_FRAGMENTS = st.one_of(
+    st.sampled_from(_WORDS),
+    st.integers(min_value=0, max_value=10**14).map(str),
+    st.text(alphabet="0123456789-:/.,TZ ", min_size=1, max_size=14),
+    st.text(alphabet="0123456789abcdefABCDEF", min_size=1, max_size=40).filter(
+        lambda h: len(h) < 16 or any(c.isdigit() for c in h[:24])
+    ),
+    st.uuids().map(str),
+    st.tuples(_DATETIMES, st.sampled_from(_FORMATS)).map(lambda p: p[0].strftime(p[1])),
+    st.integers(min_value=1_000_000_000, max_value=1_999_999_999_999).map(str),
+)
+_SEPARATORS = st.sampled_from([" ", " ", ", ", "\n", "=", ": ", "/", "(", ")", ".", "_", "-", "\t"])
+
+
+@given(st.lists(st.tuples(_FRAGMENTS, _SEPARATORS), max_size=12), st.sampled_from([NormalizerConfig(), ALL_SCRUBBERS]))
+@settings(max_examples=400, deadline=None)
+def test_fast_scrubbing_equals_the_plain_regex(parts: list[tuple[str, str]], config: NormalizerConfig) -> None:
+    text = "".join(f + s for f, s in parts)
+    normalizer = Normalizer(config)
+    assert normalizer._apply_builtin(text) == normalizer._apply_builtin_reference(text)
+
+
+def test_memo_returns_what_the_rules_compute() -> None:
+    normalizer = Normalizer()
+    text = "  Current time: 2024-05-01T12:03:11Z  "
+    assert (
+        normalizer.normalize(text) == normalizer.normalize(text) == normalizer._normalize(text) == "Current time: <ts>"
+    )

@@ -149,7 +149,7 @@ async def test_fifty_identical_misses_pay_for_one_fill() -> None:
         result = await cache.lookup(query())
         results.append(result)
         if result.outcome is Outcome.MISS:
-            await asyncio.sleep(0.05)  # "inference"
+            await asyncio.sleep(0.3)  # "inference"
             assert await fill(cache, result)
 
     await asyncio.gather(*(caller() for _ in range(50)))
@@ -159,8 +159,9 @@ async def test_fifty_identical_misses_pay_for_one_fill() -> None:
     stats = await cache.stats("acme")
     assert (stats.total.misses, stats.total.hits, stats.total.coalesced_waits, stats.total.fills) == (1, 49, 49, 1)
     assert stats.total.saved_micros == 49 * 420
-    # Waiting is event-driven: one probe to find the lease held, one after the fill woke it.
-    assert store.probes <= 2 * 50
+    # Waiting is event-driven, not polling: a waiter probes to find the lease held, once more after registering
+    # as a waiter, and once after the fill woke it, however long the holder takes.
+    assert store.probes <= 1 + 3 * 49
 
 
 async def test_abandoned_lease_goes_to_exactly_one_waiter() -> None:
