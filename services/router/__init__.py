@@ -1,0 +1,1 @@
+"""The router service: complexity classification, routing policy, and (later) the front-door orchestration."""
