@@ -242,6 +242,66 @@ async def hit_latency(store: str, target: str, concurrency: int, seconds: float,
     )
 
 
+# -- in-process (no gRPC) -------------------------------------------------------------------------------------------
+
+
+async def in_process(store_name: str, redis_url: str, seconds: float) -> list[LatencyResult]:
+    """The domain alone: servicer translation + ResponseCache.lookup + store, without gRPC, one caller."""
+    from services.cache.memory_store import MemoryStore
+    from services.cache.namespaces import Namespaces
+    from services.cache.redis_store import RedisStore
+    from services.cache.server import CacheServicer
+    from services.cache.singleflight import ResponseCache
+    from services.cache.store import CacheStore
+
+    class Context:
+        def invocation_metadata(self) -> tuple[()]:
+            return ()
+
+    store: CacheStore = (
+        MemoryStore(max_bytes=1 << 28) if store_name == "memory" else RedisStore.from_url(redis_url, prefix="inproc")
+    )
+    await store.start()
+    servicer = CacheServicer(cache=ResponseCache(store=store, namespaces=Namespaces()))
+    ctx: Any = Context()
+    rng = random.Random(2)
+    results = []
+    for kind, requests in (
+        ("same", [lookup("acme", SYSTEM, QUESTION)]),
+        ("restamped", [restamped(rng) for _ in range(20_000)]),
+    ):
+        first = await servicer.Lookup(requests[0], ctx)
+        if first.outcome == MISS:
+            await servicer.Fill(fill(first, "acme", "answer " * 60), ctx)
+        latencies: list[float] = []
+        ok = True
+        stop_at = time.perf_counter() + seconds
+        i = 0
+        started = time.perf_counter()
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            result = await servicer.Lookup(requests[i % len(requests)], ctx)
+            latencies.append(time.perf_counter() - t0)
+            ok &= result.outcome == HIT
+            i += 1
+        elapsed = time.perf_counter() - started
+        results.append(
+            LatencyResult(
+                store=f"{store_name} (in-process, no gRPC)",
+                request=kind,
+                concurrency=1,
+                lookups=len(latencies),
+                seconds=round(elapsed, 3),
+                lookups_per_s=round(len(latencies) / elapsed),
+                p50_ms=round(percentile(latencies, 0.50) * 1000, 3),
+                p99_ms=round(percentile(latencies, 0.99) * 1000, 3),
+                all_hits=ok,
+            )
+        )
+    await store.close()
+    return results
+
+
 # -- wake-up latency ---------------------------------------------------------------------------------------------
 
 
@@ -456,6 +516,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             f" {result.lookups_per_s:>6}/s",
                             file=sys.stderr,
                         )
+        for store in ("memory", "redis"):
+            latency.extend(await in_process(store, redis_url, seconds / 2))
         async with cache_server("memory") as target:
             wake.append(await wake_latency("memory (asyncio events)", target, target, rounds, 8))
             replayed = await replay(target, 600 if args.quick else args.replay)
@@ -481,10 +543,12 @@ def print_tables(report: dict[str, Any]) -> None:
     print("\nHit latency through gRPC (client and server on this machine)")
     print("(request: health = Health.Check, the gRPC floor; same = one request repeated; restamped = a fresh")
     print(" timestamp, request id and spacing every time, so nothing is memoized)")
-    print(f"{'store':<8} {'request':<10} {'conc':>5} {'calls':>8} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8}  all hits")
+    print(
+        f"{'store':<30} {'request':<10} {'conc':>5} {'calls':>8} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8}  all hits"
+    )
     for r in report["hit_latency"]:
         print(
-            f"{r['store']:<8} {r['request']:<10} {r['concurrency']:>5} {r['lookups']:>8} {r['lookups_per_s']:>9} "
+            f"{r['store']:<30} {r['request']:<10} {r['concurrency']:>5} {r['lookups']:>8} {r['lookups_per_s']:>9} "
             f"{r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f}  {r['all_hits']}"
         )
     print("\nWake-up of coalesced waiters (from the holder's Fill call to each waiter's HIT)")

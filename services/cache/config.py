@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from services.cache.namespaces import TenantConfig
+from services.cache.namespaces import TENANT_ID, TenantConfig
 from services.cache.normalizer import NormalizerConfig
 from services.cache.policy import CachePolicy
 from services.common.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, ServiceSettings, service_settings_config
@@ -70,4 +70,7 @@ class CacheSettings(ServiceSettings):
     def _check(self) -> CacheSettings:
         if self.default_wait_ms > self.max_wait_ms:
             raise ValueError("default_wait_ms must not exceed max_wait_ms")
+        bad = [t for t in self.tenants if not TENANT_ID.match(t)]
+        if bad:
+            raise ValueError(f"tenant ids must match {TENANT_ID.pattern}: {bad}")
         return self
