@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import cast
 
 import structlog
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -42,21 +42,24 @@ async def build_store(settings: BudgetSettings) -> SqliteBudgetStore | RedisBudg
         if settings.redis_cluster:
             client = RedisCluster.from_url(
                 settings.redis_url,
-                decode_responses=True,
+                decode_responses=False,
                 socket_timeout=timeout,
                 socket_connect_timeout=timeout,
                 retry=retry,
                 max_connections=settings.redis_max_connections,
             )
         else:
-            client = Redis.from_url(
+            # A blocking pool: past max_connections a call waits (up to the timeout) for a free connection instead
+            # of failing with "Too many connections".
+            pool = BlockingConnectionPool.from_url(
                 settings.redis_url,
-                decode_responses=True,
+                max_connections=settings.redis_max_connections,
+                timeout=timeout,
                 socket_timeout=timeout,
                 socket_connect_timeout=timeout,
                 retry=retry,
-                max_connections=settings.redis_max_connections,
             )
+            client = Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
         return RedisBudgetStore(
             client=client,
             cluster=settings.redis_cluster,

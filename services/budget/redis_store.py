@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import struct
 from collections.abc import Awaitable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
@@ -27,7 +29,6 @@ from redis.exceptions import ClusterDownError, ConnectionError, RedisClusterExce
 
 from services.budget import redis_scripts
 from services.budget.model import (
-    COUNTER_CODES,
     SEP,
     Buckets,
     Policy,
@@ -36,7 +37,6 @@ from services.budget.model import (
     UsageCounters,
     UsageDims,
     UsageRecord,
-    applicable_scopes,
 )
 from services.budget.store import (
     CommitCommand,
@@ -54,8 +54,9 @@ from services.budget.windows import MINUTE_MS
 
 T = TypeVar("T")
 G = "{g}"
-BLOCK = 15
-_CODE_FIELD = dict(COUNTER_CODES)
+GC_EVERY = 64
+_BLOCK = struct.Struct("<13q")
+_USAGE = struct.Struct("<8q")
 _RESERVE_STATUS: dict[int, ReserveStatus] = {1: "admitted", 0: "rejected", 2: "replayed"}
 _COMMIT_STATUS: dict[int, CommitStatus] = {1: "committed", 2: "replayed", -1: "not_found", -2: "released"}
 
@@ -68,10 +69,22 @@ def _prefix(scope: Scope) -> str:
     return G if scope.domain == "" else tenant_prefix(scope.domain)
 
 
+def _pack(*numbers: int) -> bytes:
+    """The numbers of a script call as one argument: little-endian int64s (``struct.unpack('<i8...')`` in Lua)."""
+    return struct.pack(f"<{len(numbers)}q", *numbers)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _snaps(tenant: str, reply: Sequence[Any], start: int) -> list[ScopeSnapshot]:
+    """Scope blocks of a script reply: 13 int64 (rc rt hc ht dc dt mc mt lc lt rn rk ro), then
+    ``<scope>\\x1f<policy json>``."""
     out: list[ScopeSnapshot] = []
-    for i in range(start, len(reply), BLOCK):
-        sk, pj, rc, rt, hc, ht, dc, dt, mc, mt, lc, lt, rn, rk, ro = reply[i : i + BLOCK]
+    for item in reply[start:]:
+        rc, rt, hc, ht, dc, dt, mc, mt, lc, lt, rn, rk, ro = _BLOCK.unpack_from(item)
+        sk, pj = item[_BLOCK.size :].decode().split(SEP, 1)
         policy = Policy.from_json(Scope.from_key(tenant, sk), pj)
         out.append(ScopeSnapshot(policy, rc, rt, ((hc, ht), (dc, dt), (mc, mt), (lc, lt)), rn, rk, ro))
     return out
@@ -89,6 +102,8 @@ class RedisBudgetStore:
         minute_retention_ms: int = 8 * 86_400_000,
         hour_retention_ms: int = 400 * 86_400_000,
     ) -> None:
+        if client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("RedisBudgetStore needs a client with decode_responses=False (counters are binary)")
         self._r = client
         self._cluster = cluster
         self._retention_ms = retention_ms
@@ -103,6 +118,7 @@ class RedisBudgetStore:
         self._put_policy = client.register_script(redis_scripts.PUT_POLICY)
         self._savings = client.register_script(redis_scripts.SAVINGS)
         self._known_tenants: set[str] = set()
+        self._calls = 0
         # redis-py's cluster client initialises itself lazily, and concurrent first calls race inside that
         # initialisation; initialise it once, under a lock, before the first call.
         self._cluster_ready = not isinstance(client, RedisCluster)
@@ -134,6 +150,11 @@ class RedisBudgetStore:
             await self._io(self._r.sadd(G + ":tenants", tenant))
             self._known_tenants.add(tenant)
 
+    def _gc_now(self) -> int:
+        """1 on every GC_EVERY-th call: dropping old records is bounded work done now and then, not every call."""
+        self._calls += 1
+        return int(self._calls % GC_EVERY == 0)
+
     async def ping(self) -> None:
         await self._io(self._r.ping())
 
@@ -146,7 +167,7 @@ class RedisBudgetStore:
         scope = policy.scope
         p = _prefix(scope)
         await self._register_tenant(scope.domain)
-        existed = await self._io(self._r.hexists(p + ":pol", scope.key))
+        existed = await self._io(self._r.hexists(p + ":st", scope.key + SEP + "p"))
         seed: tuple[tuple[int, int], ...] = ((0, 0),) * 4
         if not existed:
             # Not atomic with the script below: a commit landing in between is not seeded (documented).
@@ -161,78 +182,59 @@ class RedisBudgetStore:
         (hc, ht), (dc, dt), (mc, mt), (lc, lt) = seed
         result = await self._io(
             self._put_policy(
-                keys=[p + ":pol", p + ":st"],
+                keys=[p + ":st"],
                 args=[scope.key, policy.to_json(), at.hour, hc, ht, at.day, dc, dt, at.month, mc, mt, lc, lt],
             )
         )
         return int(result) == 0
 
     async def get_policy(self, scope: Scope) -> Policy | None:
-        text = await self._io(self._r.hget(_prefix(scope) + ":pol", scope.key))
-        return None if text is None else Policy.from_json(scope, str(text))
+        text = await self._io(self._r.hget(_prefix(scope) + ":st", scope.key + SEP + "p"))
+        return None if text is None else Policy.from_json(scope, _text(text))
 
     async def snapshot(self, scope: Scope, *, at: Buckets) -> ScopeSnapshot | None:
         p = _prefix(scope)
-        reply = await self._io(
-            self._snapshot(
-                keys=[p + ":pol", p + ":st", p + ":exp", p + ":res", p + ":rl:" + scope.key],
-                args=[at.now_ms, scope.key, at.hour, at.day, at.month],
-            )
-        )
+        keep = int(scope.domain != "" or self._cluster)
+        nums = _pack(at.now_ms, at.hour, at.day, at.month, keep, self._retention_ms)
+        reply = await self._io(self._snapshot(keys=self._domain_keys(p), args=[nums, scope.key]))
         snaps = _snaps(scope.tenant, reply, 0)
         return snaps[0] if snaps else None
 
     # -- reservations -----------------------------------------------------------------------------------------
 
-    def _domain_keys(self, p: str) -> list[str]:
-        return [p + ":pol", p + ":st", p + ":exp", p + ":res", p + ":gc"]
+    @staticmethod
+    def _domain_keys(p: str) -> list[str]:
+        return [p + ":st", p + ":exp", p + ":res", p + ":gc"]
 
     async def reserve(self, cmd: ReserveCommand) -> ReserveOutcome:
         a = cmd.attribution
         tenant = a.tenant
         p = tenant_prefix(tenant)
-        tscopes = [s.key for s in applicable_scopes(a)[1:]]
         at = cmd.at
-        head: list[Any] = [
-            cmd.at.now_ms,
-            cmd.expires_ms,
-            cmd.est_cost,
-            cmd.est_tokens,
-            cmd.reservation_id,
-            cmd.request_id,
-            a.team,
-            a.feature,
-            a.end_user,
-            cmd.model,
-            cmd.tier,
-            at.hour,
-            at.day,
-            at.month,
-            cmd.expires_ms + cmd.retention_ms,
-        ]
-        gid = tenant + SEP + cmd.reservation_id
+
+        def args(mode: int) -> list[Any]:
+            nums = _pack(
+                at.now_ms, cmd.expires_ms, cmd.est_cost, cmd.est_tokens, cmd.tier, at.hour, at.day, at.month,
+                cmd.retention_ms, mode,
+            )  # fmt: skip
+            return [nums, cmd.reservation_id, cmd.request_id, tenant, a.team, a.feature, a.end_user, cmd.model, gc_now]
+
+        gc_now = self._gc_now()
         tkeys = [p + ":req", *self._domain_keys(p)]
-        trate = [p + ":rl:" + sk for sk in tscopes]
         if not self._cluster:
-            reply = await self._io(
-                self._reserve(
-                    keys=[*tkeys, *self._domain_keys(G), *trate, G + ":rl:g"],
-                    args=[*head, 1, 2, cmd.reservation_id, len(tscopes), *tscopes, gid, 1, "g"],
-                )
+            reply = await self._io(self._reserve(keys=[*tkeys, *self._domain_keys(G)], args=args(0)))
+            return ReserveOutcome(
+                _RESERVE_STATUS[reply[0]], _text(reply[1]), int(reply[2]), tuple(_snaps(tenant, reply, 3))
             )
-            return ReserveOutcome(_RESERVE_STATUS[reply[0]], reply[1], int(reply[2]), tuple(_snaps(tenant, reply, 3)))
         # Cluster: global slot first (holds the money), then the tenant slot; undo the global hold unless admitted.
-        g_reply = await self._io(
-            self._reserve(keys=[G + ":req", *self._domain_keys(G), G + ":rl:g"], args=[*head, 0, 1, gid, 1, "g"])
-        )
+        gid = tenant + SEP + cmd.reservation_id
+        g_reply = await self._io(self._reserve(keys=self._domain_keys(G), args=args(2)))
         g_snaps = _snaps("", g_reply, 3)
         if g_reply[0] == 0:
             return ReserveOutcome("rejected", "", 0, tuple(g_snaps))
         held = bool(g_snaps)
         try:
-            reply = await self._io(
-                self._reserve(keys=[*tkeys, *trate], args=[*head, 1, 1, cmd.reservation_id, len(tscopes), *tscopes])
-            )
+            reply = await self._io(self._reserve(keys=tkeys, args=args(1)))
         except BaseException:
             if held:
                 await self._undo_global(gid, at)
@@ -241,12 +243,10 @@ class RedisBudgetStore:
         if status != "admitted" and held:
             await self._undo_global(gid, at)
             g_snaps = [self._unhold(s, cmd) for s in g_snaps]
-        return ReserveOutcome(status, reply[1], int(reply[2]), tuple(_snaps(tenant, reply, 3) + g_snaps))
+        return ReserveOutcome(status, _text(reply[1]), int(reply[2]), tuple(_snaps(tenant, reply, 3) + g_snaps))
 
     @staticmethod
     def _unhold(snap: ScopeSnapshot, cmd: ReserveCommand) -> ScopeSnapshot:
-        from dataclasses import replace
-
         return replace(
             snap,
             reserved_micros=snap.reserved_micros - cmd.est_cost,
@@ -254,7 +254,8 @@ class RedisBudgetStore:
         )
 
     async def _undo_global(self, gid: str, at: Buckets) -> None:
-        await self._io(self._global_release(keys=[G + ":st", G + ":exp", G + ":res"], args=[at.now_ms, gid, 1]))
+        nums = _pack(at.now_ms, 1, self._retention_ms)
+        await self._io(self._global_release(keys=self._domain_keys(G), args=[nums, gid]))
 
     def _usage_keys(self, p: str, at: Buckets) -> list[str]:
         return [p + f":u:m:{at.now_ms // MINUTE_MS}", p + f":u:h:{at.hour}", p + f":u:d:{at.day}", p + ":u:L"]
@@ -266,61 +267,40 @@ class RedisBudgetStore:
         await self._register_tenant(tenant)
         u = cmd.usage
         keys = [*self._domain_keys(p), *self._usage_keys(p, at), p + ":meta"]
-        gc_at = at.now_ms + self._retention_ms
-        args: list[Any] = [
-            at.now_ms,
-            cmd.reservation_id,
-            cmd.actual_cost,
-            u.input_tokens,
-            u.output_tokens,
-            u.cached_input_tokens,
-            cmd.model,
-            cmd.tier,
-            cmd.saved_micros,
-            at.hour,
-            at.day,
-            at.month,
-            self._minute_ttl,
-            self._hour_ttl,
-        ]
-        if not self._cluster:
-            reply = await self._io(self._commit(keys=[*keys, *self._domain_keys(G)], args=[*args, 1, tenant, gc_at]))
-        else:
-            reply = await self._io(self._commit(keys=keys, args=[*args, 0, tenant, gc_at]))
+        ret = self._retention_ms
+        with_global = int(not self._cluster)
+        nums = _pack(
+            at.now_ms, cmd.actual_cost, u.input_tokens, u.output_tokens, u.cached_input_tokens, cmd.tier,
+            cmd.saved_micros, at.hour, at.day, at.month, self._minute_ttl, self._hour_ttl, ret, with_global,
+        )  # fmt: skip
+        if with_global:
+            keys += self._domain_keys(G)
+        reply = await self._io(self._commit(keys=keys, args=[nums, cmd.reservation_id, tenant, cmd.model]))
         status = _COMMIT_STATUS[reply[0]]
         if status in ("not_found", "released"):
             return CommitOutcome(status)
         snaps = _snaps(tenant, reply, 5)
         if self._cluster:
-            g_reply = await self._io(
-                self._global_settle(
-                    keys=self._domain_keys(G),
-                    args=[
-                        at.now_ms,
-                        tenant + SEP + cmd.reservation_id,
-                        reply[1],
-                        reply[4],
-                        at.hour,
-                        at.day,
-                        at.month,
-                        gc_at,
-                    ],
-                )
-            )
+            g_nums = _pack(at.now_ms, reply[1], reply[4], at.hour, at.day, at.month, ret)
+            gid = tenant + SEP + cmd.reservation_id
+            g_reply = await self._io(self._global_settle(keys=self._domain_keys(G), args=[g_nums, gid]))
             snaps += _snaps("", g_reply, 0)
         return CommitOutcome(status, int(reply[1]), bool(reply[2]), bool(reply[3]), tuple(snaps))
 
     async def release(self, tenant: str, reservation_id: str, *, at: Buckets) -> ReleaseOutcome:
-        p = tenant_prefix(tenant)
-        keys = [p + ":st", p + ":exp", p + ":res"]
-        gkeys = [G + ":st", G + ":exp", G + ":res"]
-        gid = tenant + SEP + reservation_id
+        keys = self._domain_keys(tenant_prefix(tenant))
+        gkeys = self._domain_keys(G)
+        ret = self._retention_ms
         if not self._cluster:
-            reply = await self._io(self._release(keys=[*keys, *gkeys], args=[at.now_ms, reservation_id, 1, tenant]))
+            nums = _pack(at.now_ms, ret, 1)
+            reply = await self._io(self._release(keys=[*keys, *gkeys], args=[nums, reservation_id, tenant]))
         else:
-            reply = await self._io(self._release(keys=keys, args=[at.now_ms, reservation_id, 0, tenant]))
-            if reply[2] == "r":
-                await self._io(self._global_release(keys=gkeys, args=[at.now_ms, gid, 0]))
+            nums = _pack(at.now_ms, ret, 0)
+            reply = await self._io(self._release(keys=keys, args=[nums, reservation_id, tenant]))
+            if reply[2] == b"r":
+                g_nums = _pack(at.now_ms, 0, ret)
+                gid = tenant + SEP + reservation_id
+                await self._io(self._global_release(keys=gkeys, args=[g_nums, gid]))
         if reply[0] == -1:
             return ReleaseOutcome("not_found")
         if reply[0] == 2:
@@ -345,6 +325,7 @@ class RedisBudgetStore:
                     at.now_ms + cmd.retention_ms,
                     self._minute_ttl,
                     self._hour_ttl,
+                    self._gc_now(),
                 ],
             )
         )
@@ -360,19 +341,14 @@ class RedisBudgetStore:
                 pipe.hgetall(key)
             results = await self._io(pipe.execute())
             for fields in results:
-                merged: dict[str, UsageCounters] = {}
-                for field, value in fields.items():
-                    dims, code = field.rsplit("\x1e", 1)
-                    counters = merged.get(dims)
-                    if counters is None:
-                        counters = merged[dims] = UsageCounters()
-                    setattr(counters, _CODE_FIELD[code], int(value))
-                out += [UsageRecord(tenant, UsageDims.decode(d), c) for d, c in merged.items()]
+                for dims, packed in fields.items():
+                    counters = UsageCounters(*_USAGE.unpack(packed))
+                    out.append(UsageRecord(tenant, UsageDims.decode(dims.decode()), counters))
         return out
 
     async def tenants(self) -> list[str]:
         members = await self._io(self._r.smembers(G + ":tenants"))
-        return sorted(str(m) for m in members)
+        return sorted(_text(m) for m in members)
 
     async def first_activity_ms(self, tenant: str) -> int | None:
         value = await self._io(self._r.hget(tenant_prefix(tenant) + ":meta", "first"))

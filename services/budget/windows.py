@@ -8,6 +8,7 @@ day, plus one lifetime cell; :func:`cover` picks the fewest buckets that tile a 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from functools import lru_cache
 
 from services.budget.model import Buckets, Window
 
@@ -20,10 +21,16 @@ LEVEL_MS: dict[str, int] = {"m": MINUTE_MS, "h": HOUR_MS, "d": DAY_MS}
 
 
 def month_bucket(now_ms: int) -> int:
-    d = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
+    return _month_of_day(now_ms // DAY_MS)
+
+
+@lru_cache(maxsize=64)
+def _month_of_day(day: int) -> int:
+    d = datetime.fromtimestamp(day * 86_400, tz=UTC)
     return d.year * 12 + d.month - 1
 
 
+@lru_cache(maxsize=64)
 def month_start_ms(bucket: int) -> int:
     year, month0 = divmod(bucket, 12)
     return int(datetime(year, month0 + 1, 1, tzinfo=UTC).timestamp() * 1000)

@@ -207,14 +207,12 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
             await sq.open()
             s = sq
         elif request.param == "redis-cluster":
-            cluster_client = RedisCluster.from_url(url, decode_responses=True)
+            cluster_client = RedisCluster.from_url(url)
             if not stores:
                 await cluster_client.flushall(target_nodes=RedisCluster.PRIMARIES)
             s = RedisBudgetStore(client=cluster_client, cluster=True)
         else:
-            s = RedisBudgetStore(
-                client=Redis.from_url(url, decode_responses=True), cluster=request.param == "redis-cluster-mode"
-            )
+            s = RedisBudgetStore(client=Redis.from_url(url), cluster=request.param == "redis-cluster-mode")
         stores.append(s)
         return s
 
@@ -302,6 +300,7 @@ async def test_hard_limit_admits_exactly_up_to_the_limit(env: Env) -> None:
 
 
 async def test_reserve_is_all_or_nothing_across_scopes(env: Env) -> None:
+    await set_policy(env, GLOBAL, (Window.MONTH, 1_000_000, None))  # room: its hold must be undone on rejection
     await set_policy(env, TENANT, (Window.MONTH, 100_000, None))
     await set_policy(env, TEAM, (Window.DAY, 5_000, None))
     await set_policy(env, FEATURE, (Window.DAY, None, 1_000))
@@ -310,7 +309,8 @@ async def test_reserve_is_all_or_nothing_across_scopes(env: Env) -> None:
         await env.ledger.reserve(reserve_input("too-much", 2_000, 600))
     subjects = sorted(v.subject for v in exc.value.violations)
     assert subjects == ["tenant:acme/feature:summaries/day/tokens", "tenant:acme/team:search/day/cost_micros"]
-    # Nothing of the rejected request was reserved anywhere, not even on the scope that had room.
+    # Nothing of the rejected request was reserved anywhere, not even on the scopes that had room.
+    assert await reserved_and_spent(env, GLOBAL, Window.MONTH) == (4_000, 0)
     assert await reserved_and_spent(env, TENANT, Window.MONTH) == (4_000, 0)
     assert await reserved_and_spent(env, TEAM, Window.DAY) == (4_000, 0)
     feature = await env.ledger.get_budget(FEATURE)
@@ -319,6 +319,9 @@ async def test_reserve_is_all_or_nothing_across_scopes(env: Env) -> None:
     other = Attribution("acme", "ads")
     await env.ledger.reserve(reserve_input("other-team", 2_000, a=other))
     assert await reserved_and_spent(env, TENANT, Window.MONTH) == (6_000, 0)
+    # A retry of an admitted request holds nothing more anywhere (cluster mode: its fresh global hold is undone).
+    assert (await env.ledger.reserve(reserve_input("ok", 4_000, 500))).replayed
+    assert await reserved_and_spent(env, GLOBAL, Window.MONTH) == (6_000, 0)
 
 
 async def test_reserve_is_idempotent_on_request_id(env: Env) -> None:

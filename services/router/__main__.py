@@ -1,0 +1,102 @@
+"""Composition root of the router: ``python -m services.router`` (or ``costmesh serve router``).
+
+Builds the channels to cache, budget and each worker tier, the tokenizers, the classifier and policy, the pipeline
+and the servicer, then runs until SIGTERM/SIGINT. On shutdown, background fills and savings records are drained
+before the channels close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from costmesh.router.v1 import router_pb2, router_pb2_grpc
+from services.common.channels import channel_credentials, create_channel
+from services.common.server import full_service_name, make_host
+from services.router.classifier.types import Tier
+from services.router.clients import GrpcBudget, GrpcCache, GrpcInfer
+from services.router.config import RouterSettings
+from services.router.decider import build_decider
+from services.router.pipeline import Pipeline, PipelineLimits
+from services.router.server import RouterServicer
+from services.router.tokens import TierTokenizers
+
+
+async def serve(settings: RouterSettings) -> None:
+    host = make_host("router", settings)
+    creds = channel_credentials(
+        ca_file=settings.tls_ca_file, cert_file=settings.tls_cert_file, key_file=settings.tls_key_file
+    )
+    interceptors: list[grpc.aio.ClientInterceptor] = []
+    if host.telemetry is not None and host.telemetry.tracing_enabled:
+        from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+        interceptors = list(aio_client_interceptors(tracer_provider=host.telemetry.tracer_provider))
+
+    def channel(target: str, timeout_s: float) -> grpc.aio.Channel:
+        ch = create_channel(
+            target,
+            timeout_s=timeout_s,
+            credentials=creds,
+            interceptors=interceptors,
+            max_message_bytes=settings.max_message_bytes,
+        )
+        host.on_stop(ch.close)
+        return ch
+
+    tiers = {Tier.parse(name): target for name, target in settings.infer_targets.items()}
+    cache = (
+        GrpcCache(
+            channel(settings.cache_target, settings.cache_timeout_s),
+            timeout_s=settings.cache_timeout_s,
+            wait_ms=settings.cache_wait_ms,
+        )
+        if settings.cache_target
+        else None
+    )
+    budget = GrpcBudget(
+        channel(settings.budget_target, settings.budget_timeout_s),
+        timeout_s=settings.budget_timeout_s,
+        ttl_s=settings.reservation_ttl_s,
+    )
+    infer = GrpcInfer(
+        {tier: channel(target, settings.infer_timeout_s) for tier, target in tiers.items()},
+        timeout_s=settings.infer_timeout_s,
+    )
+    tokens = await asyncio.to_thread(
+        TierTokenizers, {Tier.parse(name): path for name, path in settings.tokenizer_dirs.items()}
+    )
+    pipeline = Pipeline(
+        decider=build_decider(settings),
+        cache=cache,
+        budget=budget,
+        infer=infer,
+        jobs=infer,
+        tokens=tokens,
+        prices=settings.prices,
+        models={Tier.parse(name): model for name, model in settings.models.items()},
+        limits=PipelineLimits(
+            max_messages=settings.max_messages,
+            max_total_chars=settings.max_total_chars,
+            default_max_tokens=settings.default_max_tokens,
+            max_tokens_limit=settings.max_tokens_limit,
+            fail_open_budget=settings.fail_open_budget,
+            async_reservation_ttl_s=settings.async_reservation_ttl_s,
+        ),
+    )
+    host.on_stop(pipeline.drain)  # registered last: runs first, while the channels are still open
+    servicer = RouterServicer(pipeline=pipeline)
+    host.add_service(
+        full_service_name(router_pb2, "RouterService"),
+        lambda server: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server),
+    )
+    await host.run()
+
+
+def main() -> None:
+    asyncio.run(serve(RouterSettings()))
+
+
+if __name__ == "__main__":
+    main()
