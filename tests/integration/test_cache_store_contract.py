@@ -93,9 +93,9 @@ async def test_expired_lease_is_taken_over(store: CacheStore) -> None:
 
 async def test_entries_expire_after_their_ttl(store: CacheStore) -> None:
     await probe(store, "lease-1")
-    assert await store.fill("acme", KEY, lease_id="lease-1", entry=ENTRY, ttl_ms=150)
+    assert await store.fill("acme", KEY, lease_id="lease-1", entry=ENTRY, ttl_ms=500)
     assert (await probe(store, None)).state is ProbeState.HIT
-    await asyncio.sleep(0.25)
+    await asyncio.sleep(0.6)
     assert (await probe(store, None)).state is ProbeState.ABSENT
     assert (await store.stats(None, None)).entries == 0
 
