@@ -32,7 +32,7 @@ async def serve(settings: RouterSettings) -> None:
     if host.telemetry is not None and host.telemetry.tracing_enabled:
         from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-        interceptors = list(aio_client_interceptors(tracer_provider=host.telemetry.tracer_provider))
+        interceptors = list(aio_client_interceptors(tracer_provider=host.telemetry.tracer_provider))  # type: ignore[no-untyped-call]
 
     def channel(target: str, timeout_s: float) -> grpc.aio.Channel:
         ch = create_channel(

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from services.common.pricing import PriceTable
 from services.common.settings import DEFAULT_PORTS, ServiceSettings, service_settings_config
+from services.router.classifier.settings import RoutingSettings
 
 
 class RouterSettings(ServiceSettings):
@@ -42,6 +43,11 @@ class RouterSettings(ServiceSettings):
         3600, ge=1, description="Reservation lifetime of async requests (at most the budget's max_ttl_s)."
     )
     fail_open_budget: bool = Field(False, description="Serve without a reservation when the budget is down.")
+
+    # --- classifier and routing policy (services/router/classifier/settings.py) ---
+    routing: RoutingSettings = Field(
+        default_factory=RoutingSettings, description="Cheap-share targets, uncertainty band, feature rules."
+    )
 
     # --- request limits ---
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of requests that leave it 0.")
