@@ -1,0 +1,382 @@
+"""Cheap, deterministic features of a request: what the classifier sees.
+
+Two kinds, both computed in one pass over the text with the standard library and numpy:
+
+* **dense** features with names (length and token estimate, code, maths, multi-step and reasoning cues, requested
+  output length, number of constraints, language, multiple-choice shape); they also explain a decision (the
+  ``reasons`` of a route are the dense features that pushed the score up the most);
+* **hashed n-grams** of the last user message (word unigrams and bigrams, numbers folded to their shape), hashed
+  with CRC-32 into a fixed number of buckets so the model needs no vocabulary.
+
+The text seen is the conversation as the model would see it: the length features count every message, the cue
+features look at the system prompt and the user turns, the n-grams look at the last user turn (the request being
+routed).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import unicodedata
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from services.router.classifier.types import Message
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+
+#: Bucket count of the hashed n-grams (2**18 by default; the artifact records its own).
+DEFAULT_HASH_BITS = 18
+
+
+def _wordset(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+_TOKEN_RE = re.compile(r"[^\W\d_]+|\d+(?:[.,]\d+)*|[^\w\s]")
+_SENTENCE_END_RE = re.compile(r"[.!?](?:\s|$)")
+_OPTION_RE = re.compile(r"^\s*\(?([A-Ha-h]|[1-8])[.)]\s*(.*)$", re.MULTILINE)
+_CODE_FENCE_RE = re.compile(r"```|~~~")
+_CODE_LINE_RE = re.compile(
+    r"^\s*(?:def |class |import |from \S+ import|#include|public |private |function |const |let |var |return\b|"
+    r"for\s*\(|while\s*\(|if\s*\(|SELECT |INSERT |UPDATE |CREATE |\}|\{)",
+    re.MULTILINE,
+)
+_LATEX_RE = re.compile(r"\\(?:frac|sqrt|int|sum|cdot|times|le|ge|pi|alpha|beta|theta|lambda)\b|\$[^$\n]+\$")
+_MATH_EXPR_RE = re.compile(r"\d\s*[-+*/^=×÷<>≤≥]\s*[\d(a-z]|[a-z]\s*[\^=]\s*\d|\d\s*%|\$\s*\d")
+_WORD_COUNT_RE = re.compile(r"\b\d+\s*(?:words?|sentences?|paragraphs?|bullet points?|items?|lines?|pages?)\b")
+_NEGATION_CUE_RE = re.compile(r"\b(?:NOT|EXCEPT|LEAST|FALSE|INCORRECT)\b")
+_STATEMENT_RE = re.compile(r"\b(?:Statement\s*\d|I and II|II and III|I, II|I only|II only|III only)\b")
+_PHRASE_RE: dict[str, re.Pattern[str]] = {
+    "multi_step": re.compile(
+        r"\b(?:step by step|and then|after that|how many (?:more|less|fewer)|in total|altogether|the rest|"
+        r"each of|per (?:day|week|month|year|hour)|at the end of|left over)\b"
+    ),
+    "constraint": re.compile(
+        r"\b(?:must|must not|should not|do not|don't|never|only|exactly|at least|at most|no more than|"
+        r"fewer than|within|without using|make sure|ensure|strictly|format|json|yaml|csv|markdown|table|"
+        r"bullet|in the style of|keep it|limit)\b"
+    ),
+    "long_output": re.compile(
+        r"\b(?:essay|article|blog post|story|report|detailed|in detail|comprehensive|in depth|elaborate|"
+        r"step-by-step|full implementation|write a program|draft|compose|outline|plan)\b"
+    ),
+    "short_output": re.compile(
+        r"\b(?:briefly|brief|short|concise|one word|one sentence|yes or no|true or false|just the answer|"
+        r"answer:|tl;dr)"
+    ),
+}
+
+_MATH_WORDS = _wordset(
+    "calculate compute solve equation equations integral derivative probability percent percentage ratio "
+    "average mean median sum product total remainder divisible prime factor fraction sqrt root roots "
+    "polynomial matrix vector limit log logarithm exponent expected variance deviation interest rate "
+    "speed velocity acceleration area volume perimeter radius diameter triangle angle degrees theorem "
+    "proof prove formula function functions integer integers real number numbers value maximum minimum"
+)
+_CODE_WORDS = _wordset(
+    "code program function python java javascript typescript c++ rust golang sql regex algorithm "
+    "implement implementation compile compiler debug bug api class method variable array list string loop "
+    "recursion recursive complexity runtime script html css json http database query"
+)
+_STEP_WORDS = _wordset(
+    "then after before next each every per twice thrice half third quarter double triple remaining rest "
+    "left more less fewer first second finally later until times"
+)
+_REASONING_WORDS = _wordset(
+    "why explain prove justify reason reasoning analyze analyse analysis compare contrast evaluate infer "
+    "inference imply implies implication conclude conclusion assume assumption hypothesis argument logic "
+    "logical valid validity deduce derive evidence consequence cause effect paradox principle"
+)
+_SCENARIO_WORDS = _wordset(
+    "suppose assume consider imagine scenario situation hypothetical case plaintiff defendant patient client "
+    "company firm man woman person buyer seller owner tenant landlord employee employer"
+)
+_CATCH_ALL_RE = re.compile(r"\b(?:all of the above|none of the above|both|neither|all of these|none of these)\b")
+
+#: Names of the dense features, in vector order.
+DENSE_FEATURES: tuple[str, ...] = (
+    "prompt_tokens",  # log1p(token estimate of the whole conversation)
+    "user_tokens",  # log1p(token estimate of the last user turn)
+    "lines",  # log1p(lines in the last user turn)
+    "sentences",  # log1p(sentences)
+    "questions",  # log1p('?' count)
+    "numbers",  # log1p(numbers in the text)
+    "number_density",  # numbers / words
+    "math_expr",  # log1p(arithmetic expressions, LaTeX, percentages, currency)
+    "math_words",  # log1p(maths vocabulary)
+    "code_block",  # code fences or lines that look like code (log1p)
+    "code_words",  # log1p(programming vocabulary)
+    "multi_step",  # log1p(multi-step cues: sequencing words and phrases)
+    "reasoning",  # log1p(reasoning cues)
+    "constraints",  # log1p(instructions that constrain the answer: must, only, format, N words, ...)
+    "long_output_cue",  # asks for a long answer (essay, detailed, N words, ...)
+    "short_output_cue",  # asks for a short answer (brief, one word, "Answer:")
+    "max_tokens",  # log1p(requested max_tokens; 0 = not given)
+    "choices",  # number of multiple-choice options (0 if none)
+    "choice_tokens",  # log1p(mean tokens per option)
+    "numeric_choices",  # share of options that are numbers or formulas
+    "negation_cue",  # NOT / EXCEPT / LEAST questions, statement-combination questions
+    "stem_tokens",  # log1p(tokens of the question without its options)
+    "choice_spread",  # spread of option lengths (std / mean of their token counts)
+    "catch_all_choice",  # an option is "all/none of the above", "both", "neither"
+    "scenario",  # log1p(case / scenario vocabulary: suppose, plaintiff, patient, ...)
+    "capitalized",  # share of capitalised words not starting a sentence (names, places, terms)
+    "long_words",  # share of words with >= 10 letters (technical vocabulary)
+    "non_ascii",  # share of non-ASCII letters
+    "non_latin",  # 1 when most letters are outside the Latin script (language other than English et al.)
+    "turns",  # log1p(number of prior turns)
+    "system_tokens",  # log1p(token estimate of system prompts)
+)
+N_DENSE = len(DENSE_FEATURES)
+
+#: What a dense feature is called when it is a reason for routing up (related features share a reason).
+REASONS: dict[str, str] = {
+    "prompt_tokens": "long_prompt",
+    "user_tokens": "long_prompt",
+    "stem_tokens": "long_prompt",
+    "lines": "many_lines",
+    "sentences": "many_sentences",
+    "questions": "several_questions",
+    "numbers": "numbers",
+    "number_density": "numbers",
+    "math_expr": "math_cue",
+    "math_words": "math_cue",
+    "code_block": "code_block",
+    "code_words": "code_cue",
+    "multi_step": "multi_step",
+    "reasoning": "reasoning_cue",
+    "constraints": "constraints",
+    "long_output_cue": "long_output",
+    "short_output_cue": "short_output",
+    "max_tokens": "long_output",
+    "choices": "multiple_choice",
+    "choice_tokens": "long_choices",
+    "numeric_choices": "numeric_choices",
+    "negation_cue": "negation_cue",
+    "choice_spread": "uneven_choices",
+    "catch_all_choice": "catch_all_choice",
+    "scenario": "scenario",
+    "capitalized": "named_entities",
+    "long_words": "technical_vocabulary",
+    "non_ascii": "non_english",
+    "non_latin": "non_english",
+    "turns": "multi_turn",
+    "system_tokens": "long_system_prompt",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Features:
+    """What the model consumes for one request."""
+
+    dense: FloatArray  # shape (N_DENSE,)
+    hashed: IntArray  # bucket indices of the n-grams (with repeats)
+    token_estimate: int  # whole conversation, in tokens (heuristic)
+
+
+def estimate_tokens(text: str) -> int:
+    """Token estimate without a tokenizer: the larger of chars/4 and the count of word/number/symbol pieces."""
+    return max(math.ceil(len(text) / 4), len(_TOKEN_RE.findall(text)))
+
+
+def _fold_token(tok: str) -> str:
+    """Lower-case words; numbers folded to their shape (digit count, decimal) so '17' and '42' share a bucket."""
+    c = tok[0]
+    if c.isdigit():
+        if "." in tok or "," in tok:
+            return "<dec>"
+        return f"<n{min(len(tok), 4)}>"
+    return tok.lower()
+
+
+def hash_ngrams(tokens: Sequence[str], bits: int) -> IntArray:
+    """Bucket indices of word unigrams and bigrams (CRC-32 of each folded token, bigrams mixed in numpy)."""
+    if not tokens:
+        return np.zeros(0, dtype=np.int64)
+    uni = np.fromiter((zlib.crc32(t.encode("utf-8")) for t in tokens), dtype=np.uint64, count=len(tokens))
+    mask = np.uint64((1 << bits) - 1)
+    if uni.size > 1:
+        bi = (uni[:-1] * np.uint64(0x9E3779B1) + uni[1:] * np.uint64(0x85EBCA77) + np.uint64(0x27D4EB2F)) >> np.uint64(
+            7
+        )
+        out = np.concatenate((uni & mask, bi & mask))
+    else:
+        out = uni & mask
+    result: IntArray = out.astype(np.int64)
+    return result
+
+
+def _script_shares(text: str) -> tuple[float, float]:
+    """(share of non-ASCII letters, 1.0 when most letters are not Latin)."""
+    letters = 0
+    non_ascii = 0
+    non_latin = 0
+    for ch in text:
+        if ch.isalpha():
+            letters += 1
+            if ord(ch) > 127:
+                non_ascii += 1
+                if not unicodedata.name(ch, "").startswith("LATIN"):
+                    non_latin += 1
+    if letters == 0:
+        return 0.0, 0.0
+    return non_ascii / letters, 1.0 if non_latin * 2 > letters else 0.0
+
+
+def _options(text: str) -> list[str]:
+    """The multiple-choice options of a question (lines 'A. ...', 'B) ...'), when there are at least two in order."""
+    found = _OPTION_RE.findall(text)
+    if len(found) < 2:
+        return []
+    labels = [lab.upper() for lab, _ in found]
+    # Keep the longest run that starts at A (or 1) and goes up by one.
+    start = next((i for i, lab in enumerate(labels) if lab in {"A", "1"}), None)
+    if start is None:
+        return []
+    run = [found[start][1]]
+    for j in range(start + 1, len(found)):
+        if ord(labels[j]) == ord(labels[j - 1]) + 1:
+            run.append(found[j][1])
+        else:
+            break
+    return run if len(run) >= 2 else []
+
+
+def _is_numeric_option(option: str) -> bool:
+    stripped = option.strip()
+    if not stripped:
+        return False
+    digits = sum(ch.isdigit() for ch in stripped)
+    return digits > 0 and digits + sum(not ch.isalpha() for ch in stripped) >= 0.6 * len(stripped)
+
+
+def extract(
+    messages: Sequence[Message],
+    *,
+    max_tokens: int = 0,
+    hash_bits: int = DEFAULT_HASH_BITS,
+    max_hashed_tokens: int = 2048,
+) -> Features:
+    """Features of one request. ``max_tokens`` is the caller's output cap (0 = not given).
+
+    Only the first ``max_hashed_tokens`` / 2 and last ``max_hashed_tokens`` / 2 tokens of a very long user turn are
+    hashed, which bounds the cost; the length features still see all of it.
+    """
+    user = ""
+    system_parts: list[str] = []
+    total_tokens = 0
+    turns = 0
+    for m in messages:
+        total_tokens += estimate_tokens(m.content)
+        if m.role == "system":
+            system_parts.append(m.content)
+        elif m.role == "user":
+            user = m.content
+            turns += 1
+        else:
+            turns += 1
+    turns = max(turns - 1, 0)
+    system = "\n".join(system_parts)
+    instructions = f"{system}\n{user}" if system else user
+
+    raw_tokens = _TOKEN_RE.findall(user)
+    user_tokens = max(math.ceil(len(user) / 4), len(raw_tokens))
+    system_tokens = estimate_tokens(system) if system else 0
+    lower = instructions.lower()
+    words = [t.lower() for t in raw_tokens if t[0].isalpha()]
+    n_words = max(len(words), 1)
+    n_numbers = sum(1 for t in raw_tokens if t[0].isdigit())
+
+    math_words = code_words = step_words = reasoning_words = long_words = scenario_words = 0
+    for w in words:
+        if w in _SCENARIO_WORDS:
+            scenario_words += 1
+        if w in _MATH_WORDS:
+            math_words += 1
+        if w in _CODE_WORDS:
+            code_words += 1
+        if w in _STEP_WORDS:
+            step_words += 1
+        if w in _REASONING_WORDS:
+            reasoning_words += 1
+        if len(w) >= 10:
+            long_words += 1
+    if system:
+        for w in _TOKEN_RE.findall(system.lower()):
+            if w in _CODE_WORDS:
+                code_words += 1
+
+    options = _options(user)
+    if options:
+        option_tokens = [estimate_tokens(o) for o in options]
+        choice_tokens = sum(option_tokens) / len(options)
+        choice_spread = float(np.std(option_tokens)) / max(choice_tokens, 1.0)
+        numeric_choices = sum(_is_numeric_option(o) for o in options) / len(options)
+        catch_all = 1.0 if any(_CATCH_ALL_RE.search(o.lower()) for o in options) else 0.0
+        stem_tokens = max(user_tokens - sum(option_tokens), 0)
+    else:
+        choice_tokens = choice_spread = numeric_choices = catch_all = 0.0
+        stem_tokens = user_tokens
+    capitalized = sum(
+        1 for prev, t in itertools.pairwise(raw_tokens) if t[0].isupper() and prev not in {".", "?", "!", ":"}
+    )
+
+    code_block = 3 * len(_CODE_FENCE_RE.findall(instructions)) + len(_CODE_LINE_RE.findall(instructions))
+    math_expr = len(_MATH_EXPR_RE.findall(lower)) + 2 * len(_LATEX_RE.findall(instructions))
+    constraints = len(_PHRASE_RE["constraint"].findall(lower)) + len(_WORD_COUNT_RE.findall(lower))
+    multi_step = step_words + 2 * len(_PHRASE_RE["multi_step"].findall(lower))
+    long_out = len(_PHRASE_RE["long_output"].findall(lower)) + len(_WORD_COUNT_RE.findall(lower))
+    short_out = len(_PHRASE_RE["short_output"].findall(lower))
+    negation = len(_NEGATION_CUE_RE.findall(user)) + len(_STATEMENT_RE.findall(user))
+    non_ascii, non_latin = _script_shares(user)
+    log1p = math.log1p
+
+    dense = np.array(
+        [
+            log1p(total_tokens),
+            log1p(user_tokens),
+            log1p(user.count("\n") + 1 if user else 0),
+            log1p(len(_SENTENCE_END_RE.findall(user))),
+            log1p(user.count("?")),
+            log1p(n_numbers),
+            n_numbers / n_words,
+            log1p(math_expr),
+            log1p(math_words),
+            log1p(code_block),
+            log1p(code_words),
+            log1p(multi_step),
+            log1p(reasoning_words),
+            log1p(constraints),
+            log1p(long_out),
+            log1p(short_out),
+            log1p(max(max_tokens, 0)),
+            float(len(options)),
+            log1p(choice_tokens),
+            numeric_choices,
+            log1p(negation),
+            log1p(stem_tokens),
+            choice_spread,
+            catch_all,
+            log1p(scenario_words),
+            capitalized / n_words,
+            long_words / n_words,
+            non_ascii,
+            non_latin,
+            log1p(turns),
+            log1p(system_tokens),
+        ],
+        dtype=np.float64,
+    )
+
+    if len(raw_tokens) > max_hashed_tokens:
+        half = max_hashed_tokens // 2
+        raw_tokens = raw_tokens[:half] + raw_tokens[-half:]
+    folded = [_fold_token(t) for t in raw_tokens]
+    return Features(dense=dense, hashed=hash_ngrams(folded, hash_bits), token_estimate=total_tokens)
