@@ -63,6 +63,10 @@ class MeshLayout:
         data = self.data_dir
         budget = self._common("budget", "budget")
         cache = self._common("cache", "cache")
+        # The bundled local models have random weights and almost never emit end-of-sequence, so nearly every
+        # answer ends at max_tokens; let the cache keep those (its key includes max_tokens, so a repeat of the same
+        # request gets the same answer). With real models, the service default (STOP only) is the safer choice.
+        cache["COSTMESH_CACHE_POLICY__STORE_FINISH_REASONS"] = '["STOP", "LENGTH"]'
         if self.redis_url:
             budget["COSTMESH_BUDGET_STORE"] = "redis"
             cache["COSTMESH_CACHE_STORE"] = "redis"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from services.cache.normalizer import Normalizer
 from services.common.attribution import Attribution
 from services.router.classifier.model import ComplexityModel
 from services.router.classifier.policy import Router
@@ -13,13 +14,18 @@ from services.router.pipeline import Decision
 
 
 class ClassifierDecider:
-    def __init__(self, router: Router) -> None:
+    """Classifies the text the cache keys on: volatile fields (timestamps, UUIDs, ids) scrubbed and whitespace
+    collapsed, so requests that share a cache key also share a tier (and so a cache entry)."""
+
+    def __init__(self, router: Router, normalizer: Normalizer | None = None) -> None:
         self._router = router
+        self._normalizer = normalizer or Normalizer()
 
     def decide(
         self, *, messages: Sequence[Message], max_tokens: int, attribution: Attribution, requested_tier: Tier | None
     ) -> Decision:
-        d = self._router.decide(messages, max_tokens, attribution, requested_tier=requested_tier)
+        normalized = [Message(m.role, self._normalizer.normalize(m.content)) for m in messages]
+        d = self._router.decide(normalized, max_tokens, attribution, requested_tier=requested_tier)
         return Decision(
             tier=d.tier,
             score=d.score,

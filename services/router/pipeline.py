@@ -701,11 +701,12 @@ class Pipeline:
         )
         lease, settle.lease = settle.lease, None
         if lease is not None and self._cache is not None:
-            if tier is decision.tier and last.finish_reason is FinishReason.STOP:
+            if tier is decision.tier and last.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
+                # complete answers only; the cache's own policy decides whether LENGTH ones are stored
                 self._background_task(
                     self._cache.fill(attribution=inp.attribution, key=lease[0], lease_id=lease[1], answer=answer)
                 )
-            else:  # another tier's answer or a truncated one is never stored under this key
+            else:  # another tier's answer, or an aborted one, is never stored under this key
                 self._background_task(self._cache.abandon(attribution=inp.attribution, key=lease[0], lease_id=lease[1]))
         final_decision = (
             decision

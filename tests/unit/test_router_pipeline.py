@@ -307,11 +307,11 @@ async def test_client_cancel_releases_and_abandons() -> None:
     assert ledger.reserved == {} and cache.leases == {} and cache.abandons == 1
 
 
-async def test_truncated_answer_is_charged_but_never_cached() -> None:
-    p, cache, ledger, _ = make(workers=Workers(finish=FinishReason.LENGTH))
+async def test_aborted_answer_is_charged_but_never_cached() -> None:
+    p, cache, ledger, _ = make(workers=Workers(finish=FinishReason.ABORT))
     result = await p.generate(req())
     await p.drain()
-    assert result.finish_reason is FinishReason.LENGTH and ledger.committed == FULL_COST
+    assert result.finish_reason is FinishReason.ABORT and ledger.committed == FULL_COST
     assert cache.fills == 0 and cache.abandons == 1 and cache.answers == {}
 
 
