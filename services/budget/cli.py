@@ -55,9 +55,9 @@ def parse_scope(text: str) -> budget_pb2.Scope:
     """``global`` | ``tenant:<t>`` | ``tenant:<t>/<team|feature|end_user>:<name>`` → Scope."""
     if text == "global":
         return budget_pb2.Scope(kind=budget_pb2.SCOPE_KIND_GLOBAL)
-    head, _, rest = text.partition("/")
+    head, slash, rest = text.partition("/")
     kind, _, tenant = head.partition(":")
-    if kind != "tenant" or not tenant:
+    if kind != "tenant" or not tenant or (slash and not rest):
         raise typer.BadParameter(f"{text!r}: expected global, tenant:<t> or tenant:<t>/<team|feature|end_user>:<n>")
     if not rest:
         return budget_pb2.Scope(kind=budget_pb2.SCOPE_KIND_TENANT, tenant=tenant)
