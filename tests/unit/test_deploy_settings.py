@@ -335,3 +335,19 @@ def test_keda_watches_the_stream_and_group_the_workers_use(
         for meta in streams:
             assert meta["stream"] == store._stream, c.id
             assert meta["consumerGroup"] == GROUP, c.id
+
+
+@pytest.mark.parametrize("overlay", vd.overlays())
+def test_keda_interactive_trigger_queries_the_workers_queue_gauge(overlay: str) -> None:
+    """The Prometheus trigger reads `costmesh_infer_<snapshot key>`, the key the worker's stats expose for the
+    interactive queue. The exporter that turns the snapshot into Prometheus series (with a `tier` label) is not
+    written yet: this pins the name both sides must keep."""
+    from services.infer.stats import InferStats
+
+    assert "interactive_queue_depth" in InferStats().snapshot()
+    for obj in vd.render(overlay):
+        if obj["kind"] != "ScaledObject":
+            continue
+        tier = obj["spec"]["scaleTargetRef"]["name"].removeprefix("infer-")
+        (prom,) = [t for t in obj["spec"]["triggers"] if t["type"] == "prometheus"]
+        assert prom["metadata"]["query"] == f'sum(costmesh_infer_interactive_queue_depth{{tier="{tier}"}})'
