@@ -98,6 +98,6 @@ def test_hashed_ngrams_are_deterministic_in_range_and_order_sensitive() -> None:
 
 
 def test_very_long_prompts_hash_a_bounded_number_of_tokens() -> None:
-    f = feat.extract(user_messages("word " * 10_000), max_hashed_tokens=512)
+    f = feat.extract(user_messages("word " * 10_000), hash_bits=12, max_hashed_tokens=512)
     assert f.hashed.size == 512 + 511
     assert f.token_estimate >= 10_000

@@ -15,10 +15,8 @@ routed).
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
-import unicodedata
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +29,9 @@ from services.router.classifier.types import Message
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
 
+#: Characters of a message the cue features read: longer texts are read at their head and tail (half each), which
+#: bounds the cost of a request; the length features still count all of it.
+WINDOW_CHARS = 4000
 #: Bucket count of the hashed n-grams (2**18 by default; the artifact records its own).
 DEFAULT_HASH_BITS = 18
 
@@ -98,6 +99,9 @@ _SCENARIO_WORDS = _wordset(
     "suppose assume consider imagine scenario situation hypothetical case plaintiff defendant patient client "
     "company firm man woman person buyer seller owner tenant landlord employee employer"
 )
+_NON_ASCII_LETTER_RE = re.compile(r"(?:(?![\x00-\x7f])[^\W\d_])")
+_NON_LATIN_LETTER_RE = re.compile(r"(?:(?![\x00-\u024f\u1e00-\u1eff])[^\W\d_])")
+_CAPITALIZED_RE = re.compile(r"(?<![.!?:])[ \t]+[A-Z]")
 _CATCH_ALL_RE = re.compile(r"\b(?:all of the above|none of the above|both|neither|all of these|none of these)\b")
 
 #: Names of the dense features, in vector order.
@@ -181,9 +185,26 @@ class Features:
     token_estimate: int  # whole conversation, in tokens (heuristic)
 
 
+def _window(text: str) -> str:
+    """The part of a text the cue features read: all of it up to ``WINDOW_CHARS``, else its head and tail."""
+    if len(text) <= WINDOW_CHARS:
+        return text
+    half = WINDOW_CHARS // 2
+    return f"{text[:half]}\n{text[-half:]}"
+
+
+def _token_count(text: str, pieces_in_window: int | None = None) -> int:
+    window = _window(text)
+    n = len(_TOKEN_RE.findall(window)) if pieces_in_window is None else pieces_in_window
+    if window is not text:
+        n = round(n * len(text) / len(window))  # extrapolated from the window
+    return max(math.ceil(len(text) / 4), n)
+
+
 def estimate_tokens(text: str) -> int:
-    """Token estimate without a tokenizer: the larger of chars/4 and the count of word/number/symbol pieces."""
-    return max(math.ceil(len(text) / 4), len(_TOKEN_RE.findall(text)))
+    """Token estimate without a tokenizer: the larger of chars/4 and the count of word/number/symbol pieces
+    (counted in the head and tail of very long texts and extrapolated, so the cost is bounded)."""
+    return _token_count(text)
 
 
 def _fold_token(tok: str) -> str:
@@ -213,21 +234,13 @@ def hash_ngrams(tokens: Sequence[str], bits: int) -> IntArray:
     return result
 
 
-def _script_shares(text: str) -> tuple[float, float]:
-    """(share of non-ASCII letters, 1.0 when most letters are not Latin)."""
-    letters = 0
-    non_ascii = 0
-    non_latin = 0
-    for ch in text:
-        if ch.isalpha():
-            letters += 1
-            if ord(ch) > 127:
-                non_ascii += 1
-                if not unicodedata.name(ch, "").startswith("LATIN"):
-                    non_latin += 1
-    if letters == 0:
+def _script_shares(text: str, letters: int) -> tuple[float, float]:
+    """(share of non-ASCII letters, 1.0 when most letters are outside the Latin script)."""
+    if letters == 0 or text.isascii():
         return 0.0, 0.0
-    return non_ascii / letters, 1.0 if non_latin * 2 > letters else 0.0
+    non_ascii = len(_NON_ASCII_LETTER_RE.findall(text))
+    non_latin = len(_NON_LATIN_LETTER_RE.findall(text))
+    return min(non_ascii / letters, 1.0), 1.0 if non_latin * 2 > letters else 0.0
 
 
 def _options(text: str) -> list[str]:
@@ -257,63 +270,85 @@ def _is_numeric_option(option: str) -> bool:
     return digits > 0 and digits + sum(not ch.isalpha() for ch in stripped) >= 0.6 * len(stripped)
 
 
+def _build_lexicon() -> dict[str, int]:
+    lexicon: dict[str, int] = {}
+    for bit, words in enumerate((_SCENARIO_WORDS, _MATH_WORDS, _CODE_WORDS, _STEP_WORDS, _REASONING_WORDS)):
+        for w in words:
+            lexicon[w] = lexicon.get(w, 0) | (1 << bit)
+    return lexicon
+
+
+_LEXICON = _build_lexicon()
+_SCENARIO, _MATH, _CODE, _STEP, _REASONING = 1, 2, 4, 8, 16
+
+
 def extract(
     messages: Sequence[Message],
     *,
     max_tokens: int = 0,
-    hash_bits: int = DEFAULT_HASH_BITS,
+    hash_bits: int = 0,
     max_hashed_tokens: int = 2048,
 ) -> Features:
-    """Features of one request. ``max_tokens`` is the caller's output cap (0 = not given).
+    """Features of one request. ``max_tokens`` is the caller's output cap (0 = not given); ``hash_bits`` > 0 also
+    hashes the word n-grams of the last user turn into ``2**hash_bits`` buckets.
 
-    Only the first ``max_hashed_tokens`` / 2 and last ``max_hashed_tokens`` / 2 tokens of a very long user turn are
-    hashed, which bounds the cost; the length features still see all of it.
+    Cue features read at most ``WINDOW_CHARS`` of a message (head and tail of longer ones) and at most
+    ``max_hashed_tokens`` tokens are hashed, so the cost of a request is bounded whatever its size.
     """
     user = ""
     system_parts: list[str] = []
-    total_tokens = 0
+    other_tokens = 0
     turns = 0
-    for m in messages:
-        total_tokens += estimate_tokens(m.content)
-        if m.role == "system":
-            system_parts.append(m.content)
-        elif m.role == "user":
+    last_user = -1
+    for i, m in enumerate(messages):
+        if m.role == "user":
+            last_user = i
+    for i, m in enumerate(messages):
+        if i == last_user:
             user = m.content
-            turns += 1
         else:
+            other_tokens += estimate_tokens(m.content)
+            if m.role == "system":
+                system_parts.append(m.content)
+        if m.role != "system":
             turns += 1
     turns = max(turns - 1, 0)
     system = "\n".join(system_parts)
-    instructions = f"{system}\n{user}" if system else user
 
-    raw_tokens = _TOKEN_RE.findall(user)
-    user_tokens = max(math.ceil(len(user) / 4), len(raw_tokens))
+    uw = _window(user)
+    sw = _window(system) if system else ""
+    raw_tokens = _TOKEN_RE.findall(uw)
+    user_tokens = _token_count(user, len(raw_tokens))
+    total_tokens = user_tokens + other_tokens
     system_tokens = estimate_tokens(system) if system else 0
+    instructions = f"{sw}\n{uw}" if system else uw
     lower = instructions.lower()
     words = [t.lower() for t in raw_tokens if t[0].isalpha()]
     n_words = max(len(words), 1)
     n_numbers = sum(1 for t in raw_tokens if t[0].isdigit())
 
-    math_words = code_words = step_words = reasoning_words = long_words = scenario_words = 0
+    math_words = code_words = step_words = reasoning_words = long_words = scenario_words = letters = 0
+    lexicon = _LEXICON
     for w in words:
-        if w in _SCENARIO_WORDS:
-            scenario_words += 1
-        if w in _MATH_WORDS:
-            math_words += 1
-        if w in _CODE_WORDS:
-            code_words += 1
-        if w in _STEP_WORDS:
-            step_words += 1
-        if w in _REASONING_WORDS:
-            reasoning_words += 1
+        letters += len(w)
         if len(w) >= 10:
             long_words += 1
-    if system:
-        for w in _TOKEN_RE.findall(system.lower()):
-            if w in _CODE_WORDS:
+        bits = lexicon.get(w)
+        if bits:
+            if bits & _SCENARIO:
+                scenario_words += 1
+            if bits & _MATH:
+                math_words += 1
+            if bits & _CODE:
                 code_words += 1
+            if bits & _STEP:
+                step_words += 1
+            if bits & _REASONING:
+                reasoning_words += 1
+    if system:
+        code_words += sum(1 for w in _TOKEN_RE.findall(sw.lower()) if w in _CODE_WORDS)
 
-    options = _options(user)
+    options = _options(uw)
     if options:
         option_tokens = [estimate_tokens(o) for o in options]
         choice_tokens = sum(option_tokens) / len(options)
@@ -324,18 +359,17 @@ def extract(
     else:
         choice_tokens = choice_spread = numeric_choices = catch_all = 0.0
         stem_tokens = user_tokens
-    capitalized = sum(
-        1 for prev, t in itertools.pairwise(raw_tokens) if t[0].isupper() and prev not in {".", "?", "!", ":"}
-    )
 
+    word_counts = len(_WORD_COUNT_RE.findall(lower))
     code_block = 3 * len(_CODE_FENCE_RE.findall(instructions)) + len(_CODE_LINE_RE.findall(instructions))
     math_expr = len(_MATH_EXPR_RE.findall(lower)) + 2 * len(_LATEX_RE.findall(instructions))
-    constraints = len(_PHRASE_RE["constraint"].findall(lower)) + len(_WORD_COUNT_RE.findall(lower))
+    constraints = len(_PHRASE_RE["constraint"].findall(lower)) + word_counts
     multi_step = step_words + 2 * len(_PHRASE_RE["multi_step"].findall(lower))
-    long_out = len(_PHRASE_RE["long_output"].findall(lower)) + len(_WORD_COUNT_RE.findall(lower))
+    long_out = len(_PHRASE_RE["long_output"].findall(lower)) + word_counts
     short_out = len(_PHRASE_RE["short_output"].findall(lower))
-    negation = len(_NEGATION_CUE_RE.findall(user)) + len(_STATEMENT_RE.findall(user))
-    non_ascii, non_latin = _script_shares(user)
+    negation = len(_NEGATION_CUE_RE.findall(uw)) + len(_STATEMENT_RE.findall(uw))
+    capitalized = len(_CAPITALIZED_RE.findall(uw))
+    non_ascii, non_latin = _script_shares(uw, letters)
     log1p = math.log1p
 
     dense = np.array(
@@ -343,8 +377,8 @@ def extract(
             log1p(total_tokens),
             log1p(user_tokens),
             log1p(user.count("\n") + 1 if user else 0),
-            log1p(len(_SENTENCE_END_RE.findall(user))),
-            log1p(user.count("?")),
+            log1p(len(_SENTENCE_END_RE.findall(uw))),
+            log1p(uw.count("?")),
             log1p(n_numbers),
             n_numbers / n_words,
             log1p(math_expr),
@@ -375,6 +409,8 @@ def extract(
         dtype=np.float64,
     )
 
+    if hash_bits <= 0:
+        return Features(dense=dense, hashed=np.zeros(0, dtype=np.int64), token_estimate=total_tokens)
     if len(raw_tokens) > max_hashed_tokens:
         half = max_hashed_tokens // 2
         raw_tokens = raw_tokens[:half] + raw_tokens[-half:]

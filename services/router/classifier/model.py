@@ -143,7 +143,7 @@ class ComplexityModel:
         return self.hash_bits > 0
 
     def features(self, messages: Sequence[Message], max_tokens: int = 0) -> feat.Features:
-        return feat.extract(messages, max_tokens=max_tokens, hash_bits=self.hash_bits or feat.DEFAULT_HASH_BITS)
+        return feat.extract(messages, max_tokens=max_tokens, hash_bits=self.hash_bits)
 
     def score_features(self, features: feat.Features, *, top: int = 3) -> Scored:
         gate = gate_of(features.dense)

@@ -47,11 +47,10 @@ class Featurized:
 def featurize(records: Sequence[Record], hash_bits: int = 0) -> Featurized:
     dense = np.zeros((len(records), feat.N_DENSE), dtype=np.float64)
     hashed: list[npt.NDArray[np.int64]] = []
-    bits = hash_bits or feat.DEFAULT_HASH_BITS
     for i, r in enumerate(records):
-        f = feat.extract(user_messages(r.prompt), max_tokens=r.max_tokens, hash_bits=bits)
+        f = feat.extract(user_messages(r.prompt), max_tokens=r.max_tokens, hash_bits=hash_bits)
         dense[i] = f.dense
-        hashed.append(f.hashed if hash_bits else np.zeros(0, dtype=np.int64))
+        hashed.append(f.hashed)
     gates = np.array([gate_of(d) for d in dense])
     return Featurized(dense=dense, hashed=hashed, gates=gates)
 
@@ -105,20 +104,6 @@ def train(
         raise ValueError("no training records")
     data = featurize(records, cfg.hash_bits)
     y = np.array([r.target() for r in records], dtype=np.float64)
-    heads: dict[str, LinearHead] = {}
-    for gate in GATES:
-        m = data.gates == gate
-        sel = np.where(m)[0]
-        if sel.size == 0:
-            # No prompts of this shape: share the other head's view by training on everything.
-            sel = np.arange(len(records))
-        heads[gate] = fit_head(data.dense[sel], [data.hashed[i] for i in sel], y[sel], cfg)
-    untrained = ComplexityModel(
-        heads=heads,
-        calibration=fit_calibration([0.0, 1.0]),
-        hash_bits=cfg.hash_bits,
-    )
-    scores = score_featurized(untrained, data)
     meta: dict[str, Any] = {
         "trainer": "services.router.classifier.train",
         "config": asdict(cfg),
@@ -131,12 +116,33 @@ def train(
         },
         **dict(provenance or {}),
     }
+    return train_featurized(data, y, cfg, meta=meta)
+
+
+def train_featurized(
+    data: Featurized, y: FloatArray, cfg: TrainConfig = TrainConfig(), *, meta: Mapping[str, Any] | None = None
+) -> ComplexityModel:
+    """``train`` on already featurised prompts and their targets (the benchmark's cross-validation reuses one
+    featurisation for every fold)."""
+    heads: dict[str, LinearHead] = {}
+    for gate in GATES:
+        sel = np.where(data.gates == gate)[0]
+        if sel.size == 0:
+            # No prompts of this shape: train this head on everything.
+            sel = np.arange(len(y))
+        heads[gate] = fit_head(data.dense[sel], [data.hashed[i] for i in sel], y[sel], cfg)
+    untrained = ComplexityModel(heads=heads, calibration=fit_calibration([0.0, 1.0]), hash_bits=cfg.hash_bits)
+    scores = score_featurized(untrained, data)
     return ComplexityModel(
         heads=heads,
         calibration=fit_calibration(scores, cheap_share=cfg.cheap_share, band_share=cfg.band_share),
         hash_bits=cfg.hash_bits,
-        meta=meta,
+        meta=dict(meta or {}),
     )
+
+
+def subset(data: Featurized, idx: npt.NDArray[np.intp]) -> Featurized:
+    return Featurized(dense=data.dense[idx], hashed=[data.hashed[i] for i in idx], gates=data.gates[idx])
 
 
 def score_featurized(model: ComplexityModel, data: Featurized) -> FloatArray:
