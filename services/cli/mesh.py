@@ -23,6 +23,7 @@ class MeshLayout:
     otlp_endpoint: str | None = None
     trace_sample_ratio: float | None = None
     config_file: Path | None = None
+    cpu_bind: dict[str, str] = field(default_factory=lambda: {"cheap": "0", "full": "1"})
     ports: dict[str, int] = field(
         default_factory=lambda: {
             "budget": DEFAULT_PORTS["budget"],
@@ -85,6 +86,9 @@ class MeshLayout:
                     "COSTMESH_INFER_MODEL_DIR": str(self.models_dir / tier),
                     "COSTMESH_INFER_JOB_STORE": "redis" if self.redis_url else "sqlite",
                     "COSTMESH_INFER_SQLITE_PATH": str(data / f"jobs-{tier}.sqlite3"),
+                    # vLLM's CPU engine pins its threads to core 0 by default; on one machine give each tier its
+                    # own core so the two engines do not share one.
+                    "VLLM_CPU_OMP_THREADS_BIND": self.cpu_bind[tier],
                 }
             )
             specs.append(ChildSpec(name, python_module("services.infer"), env))

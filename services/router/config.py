@@ -24,7 +24,7 @@ class RouterSettings(ServiceSettings):
         description="Workers per tier; round-robin over every address a target resolves to.",
     )
     models: dict[str, str] = Field(
-        default_factory=lambda: {"cheap": "cheap", "full": "full"},
+        default_factory=lambda: {"cheap": "costmesh-cheap", "full": "costmesh-full"},
         description="Model name each tier's workers serve (prices and cache keys use it).",
     )
     tokenizer_dirs: dict[str, Path | None] = Field(

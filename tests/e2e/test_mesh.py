@@ -46,7 +46,7 @@ def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     m = Mesh(layout, extra_env={"router": {"COSTMESH_ROUTER_CACHE_WAIT_MS": "30000"}})
     m.start()
     try:
-        asyncio.run(m.wait_serving(timeout_s=300))
+        asyncio.run(m.wait_serving(timeout_s=600))
     except TimeoutError:
         logs = "\n".join(f"--- {n}\n{m.log(n)[-3000:]}" for n in m.procs)
         m.stop()
