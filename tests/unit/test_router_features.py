@@ -61,6 +61,19 @@ def test_multiple_choice_shape() -> None:
     assert d["catch_all_choice"] == 1.0
     assert dense("A. is not a list by itself")["choices"] == 0
     assert dense("Options:\nB. one\nC. two")["choices"] == 0  # must start at A
+    assert dense("Vitamin A. helps, and so does C. in fruit")["choices"] == 0  # A then C: not a run
+
+
+def test_collapsed_whitespace_gives_the_same_features() -> None:
+    """The router classifies the cache's normalised text (whitespace collapsed): the features must not change."""
+    raw = " In Ward-Leonard system, the lower limit of the speed is set by\nA. Field resistance.\nB. Armature.\n" + (
+        "C. Residual magnetism of the generator.\nD. None of the above.\nAnswer:"
+    )
+    collapsed = " ".join(raw.split())
+    assert dense(raw) == dense(collapsed)
+    assert dense(raw)["choices"] == 4
+    code = "def f(x):\n    return x + 1\n\nprint(f(2))"
+    assert dense(code)["code_block"] == dense(" ".join(code.split()))["code_block"] > 0
 
 
 def test_language_cues() -> None:

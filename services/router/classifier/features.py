@@ -42,12 +42,13 @@ def _wordset(text: str) -> frozenset[str]:
 
 _TOKEN_RE = re.compile(r"[^\W\d_]+|\d+(?:[.,]\d+)*|[^\w\s]")
 _SENTENCE_END_RE = re.compile(r"[.!?](?:\s|$)")
-_OPTION_RE = re.compile(r"^\s*\(?([A-Ha-h]|[1-8])[.)]\s*(.*)$", re.MULTILINE)
+_OPTION_MARK_RE = re.compile(r"(?:(?<=\s)|^)\(?([A-H])[.)](?=\s)")
+_ANSWER_CUE_RE = re.compile(r"\s*(?:Answer|Correct answer)\s*:?\s*$", re.IGNORECASE)
+_LIST_ITEM_RE = re.compile(r"(?:(?<=\s)|^)(?:\d{1,2}[.)]|[-*•])(?=\s)")
 _CODE_FENCE_RE = re.compile(r"```|~~~")
-_CODE_LINE_RE = re.compile(
-    r"^\s*(?:def |class |import |from \S+ import|#include|public |private |function |const |let |var |return\b|"
-    r"for\s*\(|while\s*\(|if\s*\(|SELECT |INSERT |UPDATE |CREATE |\}|\{)",
-    re.MULTILINE,
+_CODE_SYNTAX_RE = re.compile(
+    r"\bdef \w+\(|\bclass \w+\s*[:({]|#include\b|\bimport \w+|\bfrom \w+ import\b|\breturn\b|"
+    r"\bfunction\s*\w*\s*\(|\b(?:const|let|var) \w+\s*=|=>|[=!]==?|[{};]|\b(?:SELECT|INSERT|UPDATE) \w"
 )
 _LATEX_RE = re.compile(r"\\(?:frac|sqrt|int|sum|cdot|times|le|ge|pi|alpha|beta|theta|lambda)\b|\$[^$\n]+\$")
 _MATH_EXPR_RE = re.compile(r"\d\s*[-+*/^=×÷<>≤≥]\s*[\d(a-z]|[a-z]\s*[\^=]\s*\d|\d\s*%|\$\s*\d")
@@ -101,21 +102,21 @@ _SCENARIO_WORDS = _wordset(
 )
 _NON_ASCII_LETTER_RE = re.compile(r"(?:(?![\x00-\x7f])[^\W\d_])")
 _NON_LATIN_LETTER_RE = re.compile(r"(?:(?![\x00-\u024f\u1e00-\u1eff])[^\W\d_])")
-_CAPITALIZED_RE = re.compile(r"(?<![.!?:])[ \t]+[A-Z]")
+_CAPITALIZED_RE = re.compile(r"(?<=[^.!?:\s])\s+[A-Z]")
 _CATCH_ALL_RE = re.compile(r"\b(?:all of the above|none of the above|both|neither|all of these|none of these)\b")
 
 #: Names of the dense features, in vector order.
 DENSE_FEATURES: tuple[str, ...] = (
     "prompt_tokens",  # log1p(token estimate of the whole conversation)
     "user_tokens",  # log1p(token estimate of the last user turn)
-    "lines",  # log1p(lines in the last user turn)
+    "list_items",  # log1p(numbered or bulleted items)
     "sentences",  # log1p(sentences)
     "questions",  # log1p('?' count)
     "numbers",  # log1p(numbers in the text)
     "number_density",  # numbers / words
     "math_expr",  # log1p(arithmetic expressions, LaTeX, percentages, currency)
     "math_words",  # log1p(maths vocabulary)
-    "code_block",  # code fences or lines that look like code (log1p)
+    "code_block",  # code fences and code syntax (log1p)
     "code_words",  # log1p(programming vocabulary)
     "multi_step",  # log1p(multi-step cues: sequencing words and phrases)
     "reasoning",  # log1p(reasoning cues)
@@ -145,7 +146,7 @@ REASONS: dict[str, str] = {
     "prompt_tokens": "long_prompt",
     "user_tokens": "long_prompt",
     "stem_tokens": "long_prompt",
-    "lines": "many_lines",
+    "list_items": "list_items",
     "sentences": "many_sentences",
     "questions": "several_questions",
     "numbers": "numbers",
@@ -244,22 +245,29 @@ def _script_shares(text: str, letters: int) -> tuple[float, float]:
 
 
 def _options(text: str) -> list[str]:
-    """The multiple-choice options of a question (lines 'A. ...', 'B) ...'), when there are at least two in order."""
-    found = _OPTION_RE.findall(text)
-    if len(found) < 2:
-        return []
-    labels = [lab.upper() for lab, _ in found]
-    # Keep the longest run that starts at A (or 1) and goes up by one.
-    start = next((i for i, lab in enumerate(labels) if lab in {"A", "1"}), None)
-    if start is None:
-        return []
-    run = [found[start][1]]
-    for j in range(start + 1, len(found)):
-        if ord(labels[j]) == ord(labels[j - 1]) + 1:
-            run.append(found[j][1])
+    """The options of a multiple-choice question: the last run of markers 'A.' 'B.' 'C.' ... (or 'A)', '(A)') in
+    order, each option running to the next marker. Line breaks are not needed, so collapsed whitespace (the cache's
+    normalised text, which is what the router classifies) parses the same."""
+    marks = list(_OPTION_MARK_RE.finditer(text))
+    best: list[re.Match[str]] = []
+    run: list[re.Match[str]] = []
+    for m in marks:
+        label = m.group(1)
+        if label == "A":
+            run = [m]
+        elif run and ord(label) == ord(run[-1].group(1)) + 1:
+            run.append(m)
         else:
-            break
-    return run if len(run) >= 2 else []
+            continue
+        if len(run) >= 2 and len(run) >= len(best):
+            best = list(run)
+    if len(best) < 2:
+        return []
+    bounds = [m.end() for m in best]
+    starts = [m.start() for m in best[1:]] + [len(text)]
+    options = [text[a:b].strip() for a, b in zip(bounds, starts, strict=True)]
+    options[-1] = _ANSWER_CUE_RE.sub("", options[-1])
+    return options
 
 
 def _is_numeric_option(option: str) -> bool:
@@ -361,7 +369,7 @@ def extract(
         stem_tokens = user_tokens
 
     word_counts = len(_WORD_COUNT_RE.findall(lower))
-    code_block = 3 * len(_CODE_FENCE_RE.findall(instructions)) + len(_CODE_LINE_RE.findall(instructions))
+    code_block = 3 * len(_CODE_FENCE_RE.findall(instructions)) + len(_CODE_SYNTAX_RE.findall(instructions))
     math_expr = len(_MATH_EXPR_RE.findall(lower)) + 2 * len(_LATEX_RE.findall(instructions))
     constraints = len(_PHRASE_RE["constraint"].findall(lower)) + word_counts
     multi_step = step_words + 2 * len(_PHRASE_RE["multi_step"].findall(lower))
@@ -376,7 +384,7 @@ def extract(
         [
             log1p(total_tokens),
             log1p(user_tokens),
-            log1p(user.count("\n") + 1 if user else 0),
+            log1p(len(_LIST_ITEM_RE.findall(uw))),
             log1p(len(_SENTENCE_END_RE.findall(uw))),
             log1p(uw.count("?")),
             log1p(n_numbers),
