@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.cli.supervisor import ChildSpec, python_module
+from services.common.health import wait_serving
 from services.common.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
 
 INFER_PORTS = {"cheap": DEFAULT_PORTS["infer"], "full": DEFAULT_PORTS["infer"] + 1}
@@ -105,3 +112,72 @@ class MeshLayout:
         )
         specs.append(ChildSpec("router", python_module("services.router"), router))
         return specs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+NAMES = ("budget", "cache", "infer-cheap", "infer-full", "router")
+
+
+def free_layout(
+    data_dir: Path, *, models_dir: Path, redis_url: str | None = None, otlp_endpoint: str | None = None
+) -> MeshLayout:
+    """A layout on free loopback ports (tests and benchmarks run beside whatever else is listening)."""
+    return MeshLayout(
+        data_dir=data_dir,
+        models_dir=models_dir,
+        redis_url=redis_url,
+        otlp_endpoint=otlp_endpoint,
+        ports={n: free_port() for n in NAMES},
+        metrics_ports={n: free_port() for n in NAMES},
+    )
+
+
+@dataclass
+class LocalMesh:
+    """The mesh's processes started directly (no supervisor), each logging to its own file; for tests and benches."""
+
+    layout: MeshLayout
+    cwd: Path = Path()
+    extra_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    logs: dict[str, Path] = field(default_factory=dict)
+
+    def start(self, *names: str) -> None:
+        specs = {s.name: s for s in self.layout.children()}
+        for name in names or tuple(specs):
+            spec = specs[name]
+            log = Path(tempfile.mkstemp(prefix=f"costmesh-{name}-", suffix=".log")[1])
+            self.logs[name] = log
+            env = {**os.environ, **spec.env, **self.extra_env.get(name, {}), "PYTHONUNBUFFERED": "1"}
+            with log.open("ab") as out:
+                self.procs[name] = subprocess.Popen(
+                    list(spec.argv), cwd=self.cwd, env=env, stdout=out, stderr=subprocess.STDOUT
+                )
+
+    async def wait_serving(self, *names: str, timeout_s: float = 240.0) -> None:
+        await asyncio.gather(*(wait_serving(self.layout.target(n), timeout_s=timeout_s) for n in names or self.procs))
+
+    def log(self, name: str) -> str:
+        return self.logs[name].read_text(encoding="utf-8", errors="replace")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait(60)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
