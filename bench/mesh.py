@@ -1,0 +1,277 @@
+"""Mesh benchmark: the latency costmesh adds over calling an inference worker directly, and tracing's cost.
+
+Starts the whole mesh (budget, cache, two vLLM CPU workers on the local models, router) as processes on free
+loopback ports, then, from this process (grpc.aio; the load generator shares the 2 cores with the mesh):
+
+* **direct**: ``InferenceService.Generate`` on the cheap worker, one unique prompt per request;
+* **miss**: ``RouterService.Generate`` with the same shape of request (unique prompt, tier cheap, temperature 0), so
+  every request is a cache miss that reserves, runs on the same worker, commits and fills; *added* = miss − direct;
+* **hit**: ``RouterService.Generate`` on prompts already in the cache (lookup + savings record only);
+
+each at concurrency 1 and 32 (``max_tokens`` 4, so the worker's own time stays small and steady), plus cache hits
+per second at concurrency 32. With ``--tracing`` the same run is repeated on a second mesh exporting every span
+(sample ratio 1.0) over OTLP/gRPC to a receiver in this process, and the table shows tracing on versus off.
+
+    .venv/bin/python bench/mesh.py [--json PATH] [--requests N] [--tracing] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent import futures
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from costmesh.common.v1 import common_pb2
+from costmesh.infer.v1 import infer_pb2, infer_pb2_grpc
+from costmesh.router.v1 import router_pb2, router_pb2_grpc
+from services.cli.mesh import LocalMesh, free_layout
+from services.infer.models import ensure_local_models
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "var" / "models"
+MAX_TOKENS = 4
+
+
+@dataclass
+class Row:
+    tracing: str
+    path: str
+    concurrency: int
+    requests: int
+    p50_ms: float
+    p99_ms: float
+    rps: float
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def user(text: str) -> list[common_pb2.ChatMessage]:
+    return [common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=text)]
+
+
+def sampling() -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+
+
+async def run_load(fn: Callable[[int], Awaitable[None]], n: int, concurrency: int) -> tuple[list[float], float]:
+    latencies: list[float] = []
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for i in counter:
+            t0 = time.perf_counter()
+            await fn(i)
+            latencies.append((time.perf_counter() - t0) * 1000)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, time.perf_counter() - t0
+
+
+class Sink(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace receiver that counts spans (what a collector would receive)."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+
+    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any) -> Any:
+        for rs in request.resource_spans:
+            for ss in rs.scope_spans:
+                self.spans += len(ss.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+async def measure(mesh: LocalMesh, label: str, n: int, concurrencies: tuple[int, ...]) -> list[Row]:
+    rows: list[Row] = []
+    run = uuid.uuid4().hex[:8]
+    md = (("x-costmesh-tenant", f"bench-{run}"), ("x-costmesh-feature", "bench"))
+    async with (
+        grpc.aio.insecure_channel(mesh.layout.target("router")) as rch,
+        grpc.aio.insecure_channel(mesh.layout.target("infer-cheap")) as ich,
+    ):
+        router = router_pb2_grpc.RouterServiceStub(rch)
+        infer = infer_pb2_grpc.InferenceServiceStub(ich)
+
+        async def direct(i: int, tag: str) -> None:
+            req = infer_pb2.GenerateRequest(
+                request_id=f"d-{tag}-{i}",
+                messages=user(f"direct {tag} {i}: what is {i} plus {i}?"),
+                sampling=sampling(),
+            )
+            async for _ in infer.Generate(req, timeout=120):
+                pass
+
+        async def miss(i: int, tag: str) -> None:
+            req = router_pb2.GenerateRequest(
+                messages=user(f"routed {tag} {i}: what is {i} plus {i}?"),
+                sampling=sampling(),
+                tier=common_pb2.TIER_CHEAP,
+            )
+            reply = await router.Generate(req, timeout=120, metadata=md)
+            assert not reply.result.cache_hit
+
+        hot = [f"hot question {k} of run {run}" for k in range(16)]
+
+        async def hit(i: int) -> None:
+            req = router_pb2.GenerateRequest(
+                messages=user(hot[i % len(hot)]), sampling=sampling(), tier=common_pb2.TIER_CHEAP
+            )
+            reply = await router.Generate(req, timeout=60, metadata=md)
+            assert reply.result.cache_hit
+
+        # warm up: connections, tokenizer, engine, fill the hot set
+        for k in range(8):
+            await direct(k, "warm")
+            await miss(k, f"warm-{label}")
+        for i in range(len(hot)):
+            req = router_pb2.GenerateRequest(messages=user(hot[i]), sampling=sampling(), tier=common_pb2.TIER_CHEAP)
+            await router.Generate(req, timeout=120, metadata=md)
+        await asyncio.sleep(0.5)  # fills are written in the background
+
+        for c in concurrencies:
+            for path, fn in (
+                ("direct infer", lambda i, c=c: direct(i, f"c{c}")),
+                ("router miss", lambda i, c=c: miss(i, f"{label}-c{c}")),
+                ("router hit", hit),
+            ):
+                count = n if path != "router hit" else n * 4
+                lat, wall = await run_load(fn, count, c)
+                rows.append(Row(label, path, c, count, statistics.median(lat), pct(lat, 0.99), count / wall))
+                print(
+                    f"  {label:<11} {path:<13} c={c:<3} p50 {rows[-1].p50_ms:7.2f} ms  p99 {rows[-1].p99_ms:7.2f} ms"
+                    f"  {rows[-1].rps:8.1f} req/s",
+                    flush=True,
+                )
+    return rows
+
+
+def start_mesh(data_dir: Path, otlp: str | None) -> LocalMesh:
+    layout = free_layout(data_dir, models_dir=MODELS, otlp_endpoint=otlp)
+    mesh = LocalMesh(
+        layout,
+        cwd=ROOT,
+        extra_env={
+            "router": {"COSTMESH_ROUTER_LOG_LEVEL": "warning"},
+            "cache": {"COSTMESH_CACHE_LOG_LEVEL": "warning"},
+            "budget": {"COSTMESH_BUDGET_LOG_LEVEL": "warning"},
+        },
+    )
+    mesh.start()
+    try:
+        asyncio.run(mesh.wait_serving(timeout_s=900))
+    except BaseException:
+        mesh.stop()
+        raise
+    return mesh
+
+
+def summarize(rows: list[Row]) -> list[dict[str, Any]]:
+    out = []
+    for label in sorted({r.tracing for r in rows}):
+        for c in sorted({r.concurrency for r in rows}):
+            by = {r.path: r for r in rows if r.tracing == label and r.concurrency == c}
+            d, m, h = by["direct infer"], by["router miss"], by["router hit"]
+            out.append(
+                {
+                    "tracing": label,
+                    "concurrency": c,
+                    "miss_added_p50_ms": m.p50_ms - d.p50_ms,
+                    "miss_added_p99_ms": m.p99_ms - d.p99_ms,
+                    "hit_p50_ms": h.p50_ms,
+                    "hit_p99_ms": h.p99_ms,
+                    "hit_rps": h.rps,
+                }
+            )
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write results here")
+    parser.add_argument("--requests", type=int, default=200, help="requests per measurement (hits: 4x)")
+    parser.add_argument("--tracing", action="store_true", help="repeat with OTLP export of every span")
+    parser.add_argument("--quick", action="store_true", help="few requests (smoke run)")
+    args = parser.parse_args()
+    n = 30 if args.quick else args.requests
+    ensure_local_models(MODELS)
+    rows: list[Row] = []
+    spans = 0
+    with tempfile.TemporaryDirectory(prefix="costmesh-bench-") as tmp:
+        print("mesh without tracing: starting", flush=True)
+        mesh = start_mesh(Path(tmp) / "plain", None)
+        try:
+            rows += asyncio.run(measure(mesh, "off", n, (1, 32)))
+        finally:
+            mesh.stop()
+        if args.tracing:
+            sink = Sink()
+            server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+            trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            server.start()
+            print("mesh with tracing (OTLP, sample ratio 1.0): starting", flush=True)
+            mesh = start_mesh(Path(tmp) / "traced", f"127.0.0.1:{port}")
+            try:
+                rows += asyncio.run(measure(mesh, "on (100%)", n, (1, 32)))
+            finally:
+                mesh.stop()
+                server.stop(5)
+                spans = sink.spans
+    summary = summarize(rows)
+    print()
+    print(
+        f"{'tracing':<11} {'c':>3} {'miss added p50':>15} {'miss added p99':>15} {'hit p50':>9} {'hit p99':>9} "
+        f"{'hit req/s':>10}"
+    )
+    for s in summary:
+        print(
+            f"{s['tracing']:<11} {s['concurrency']:>3} {s['miss_added_p50_ms']:>12.2f} ms "
+            f"{s['miss_added_p99_ms']:>12.2f} ms {s['hit_p50_ms']:>6.2f} ms {s['hit_p99_ms']:>6.2f} ms "
+            f"{s['hit_rps']:>10.1f}"
+        )
+    if args.tracing:
+        print(f"spans received by the OTLP sink: {spans}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": {
+                        "platform": platform.platform(),
+                        "cpus": os.cpu_count(),
+                        "python": sys.version.split()[0],
+                    },
+                    "max_tokens": MAX_TOKENS,
+                    "requests": n,
+                    "rows": [asdict(r) for r in rows],
+                    "summary": summary,
+                    "spans_exported": spans,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
