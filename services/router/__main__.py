@@ -12,19 +12,27 @@ import asyncio
 import grpc
 
 from costmesh.router.v1 import router_pb2, router_pb2_grpc
+from services.common.auth_grpc import bearer_interceptors
 from services.common.channels import channel_credentials, create_channel
+from services.common.rpc_telemetry import AttributionBaggageInterceptor, RpcMetricsInterceptor, host_meter
 from services.common.server import full_service_name, make_host
 from services.router.classifier.types import Tier
 from services.router.clients import GrpcBudget, GrpcCache, GrpcInfer
 from services.router.config import RouterSettings
 from services.router.decider import build_decider
+from services.router.limits import TenantLimiter
+from services.router.metrics import RouterMetrics
 from services.router.pipeline import Pipeline, PipelineLimits
 from services.router.server import RouterServicer
 from services.router.tokens import TierTokenizers
 
 
 async def serve(settings: RouterSettings) -> None:
-    host = make_host("router", settings)
+    rpc_metrics = RpcMetricsInterceptor()
+    # Baggage first: tenant/team/feature of each request travel to cache, budget and infer with every call.
+    host = make_host("router", settings, interceptors=[AttributionBaggageInterceptor(), rpc_metrics])
+    meter = host_meter(host, "costmesh.router")
+    rpc_metrics.bind(meter)
     creds = channel_credentials(
         ca_file=settings.tls_ca_file, cert_file=settings.tls_cert_file, key_file=settings.tls_key_file
     )
@@ -33,6 +41,7 @@ async def serve(settings: RouterSettings) -> None:
         from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
         interceptors = list(aio_client_interceptors(tracer_provider=host.telemetry.tracer_provider))  # type: ignore[no-untyped-call]
+    interceptors += bearer_interceptors(settings.auth.outgoing_key())  # the router's service key, when set
 
     def channel(target: str, timeout_s: float) -> grpc.aio.Channel:
         ch = create_channel(
@@ -48,7 +57,8 @@ async def serve(settings: RouterSettings) -> None:
     tiers = {Tier.parse(name): target for name, target in settings.infer_targets.items()}
     cache = (
         GrpcCache(
-            channel(settings.cache_target, settings.cache_timeout_s),
+            # The service-config timeout caps every call's deadline: leave room for the coalescing wait.
+            channel(settings.cache_target, settings.cache_timeout_s + settings.cache_wait_ms / 1000),
             timeout_s=settings.cache_timeout_s,
             wait_ms=settings.cache_wait_ms,
         )
@@ -84,9 +94,10 @@ async def serve(settings: RouterSettings) -> None:
             fail_open_budget=settings.fail_open_budget,
             async_reservation_ttl_s=settings.async_reservation_ttl_s,
         ),
+        metrics=RouterMetrics(meter),
     )
     host.on_stop(pipeline.drain)  # registered last: runs first, while the channels are still open
-    servicer = RouterServicer(pipeline=pipeline)
+    servicer = RouterServicer(pipeline=pipeline, limiter=TenantLimiter(settings.limits))
     host.add_service(
         full_service_name(router_pb2, "RouterService"),
         lambda server: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server),

@@ -9,6 +9,7 @@ from pydantic import Field
 from services.common.pricing import PriceTable
 from services.common.settings import DEFAULT_PORTS, ServiceSettings, service_settings_config
 from services.router.classifier.settings import RoutingSettings
+from services.router.limits import LimitSettings
 
 
 class RouterSettings(ServiceSettings):
@@ -34,7 +35,7 @@ class RouterSettings(ServiceSettings):
     prices: PriceTable = Field(default_factory=PriceTable, description="Price table (micro-USD per 1M tokens).")
 
     # --- calls to the other services ---
-    cache_timeout_s: float = Field(0.5, gt=0, description="Deadline of cache calls (plus the coalescing wait).")
+    cache_timeout_s: float = Field(2.0, gt=0, description="Deadline of cache calls (plus the coalescing wait).")
     cache_wait_ms: int = Field(10_000, ge=0, description="Most time to wait for an identical in-flight miss.")
     budget_timeout_s: float = Field(2.0, gt=0, description="Deadline of budget calls.")
     infer_timeout_s: float = Field(300.0, gt=0, description="Deadline of a generation (capped by the caller's).")
@@ -54,3 +55,6 @@ class RouterSettings(ServiceSettings):
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     max_messages: int = Field(256, ge=1, description="Most messages in one request.")
     max_total_chars: int = Field(1_000_000, ge=1, description="Most characters over all messages.")
+    limits: LimitSettings = Field(
+        default_factory=LimitSettings, description="Per-tenant concurrency and rate limits (services/router/limits.py)."
+    )
