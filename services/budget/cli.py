@@ -18,10 +18,12 @@ import typer
 from google.protobuf.json_format import MessageToDict
 
 from costmesh.budget.v1 import budget_pb2, budget_pb2_grpc
+from services.cli import credentials
 from services.common.channels import create_channel
 from services.common.settings import DEFAULT_PORTS
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Budgets: limits, headroom and usage.")
+app.callback()(credentials.credentials_options)  # --admin-key / COSTMESH_ADMIN_KEY, TLS files
 
 T = TypeVar("T")
 DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORTS['budget']}"
@@ -103,7 +105,7 @@ def _parse_time(text: str) -> int:
 
 
 async def _call(target: str, timeout_s: float, fn: Callable[[Any], Awaitable[T]]) -> T:
-    async with create_channel(target, timeout_s=timeout_s) as channel:
+    async with create_channel(target, timeout_s=timeout_s, **credentials.current().channel_args()) as channel:
         return await fn(budget_pb2_grpc.BudgetServiceStub(channel))
 
 

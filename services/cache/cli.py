@@ -11,10 +11,12 @@ import typer
 from google.protobuf.json_format import MessageToDict
 
 from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
+from services.cli import credentials
 from services.common.channels import create_channel
 from services.common.settings import DEFAULT_PORTS
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Response cache: counters and invalidation.")
+app.callback()(credentials.credentials_options)  # --admin-key / COSTMESH_ADMIN_KEY, TLS files
 
 DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORTS['cache']}"
 Target = Annotated[str, typer.Option(help="cache service host:port")]
@@ -24,7 +26,7 @@ _COLUMNS = ("hits", "misses", "coalesced_waits", "uncacheable", "fills", "saved_
 
 
 async def _stats(target: str, tenant: str, timeout_s: float) -> cache_pb2.GetStatsResponse:
-    async with create_channel(target, timeout_s=timeout_s) as channel:
+    async with create_channel(target, timeout_s=timeout_s, **credentials.current().channel_args()) as channel:
         stub = cache_pb2_grpc.CacheServiceStub(channel)
         return await stub.GetStats(cache_pb2.GetStatsRequest(tenant=tenant), timeout=timeout_s)
 
@@ -32,7 +34,7 @@ async def _stats(target: str, tenant: str, timeout_s: float) -> cache_pb2.GetSta
 async def _invalidate(
     target: str, tenant: str, feature: str, key: str, timeout_s: float
 ) -> cache_pb2.InvalidateResponse:
-    async with create_channel(target, timeout_s=timeout_s) as channel:
+    async with create_channel(target, timeout_s=timeout_s, **credentials.current().channel_args()) as channel:
         stub = cache_pb2_grpc.CacheServiceStub(channel)
         request = cache_pb2.InvalidateRequest(tenant=tenant, feature=feature, key=key)
         return await stub.Invalidate(request, timeout=timeout_s)

@@ -12,6 +12,7 @@ import typer
 
 from services.budget.cli import app as budget_app
 from services.cache.cli import app as cache_app
+from services.cli.certs import app as certs_app
 from services.cli.mesh import MeshLayout
 from services.cli.supervisor import Supervisor
 from services.common.health import check_target
@@ -25,6 +26,7 @@ app.add_typer(budget_app, name="budget")
 app.add_typer(cache_app, name="cache")
 app.add_typer(models_app, name="models")
 app.add_typer(infer_app, name="infer")
+app.add_typer(certs_app, name="certs")
 
 
 @app.command()

@@ -26,6 +26,7 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.auth_grpc import server_interceptors
 from services.common.interceptors import ErrorInterceptor, LogContextInterceptor
 from services.common.settings import ServiceSettings
 from services.common.telemetry import Telemetry
@@ -66,7 +67,8 @@ class ServiceHost:
             from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
             chain.append(aio_server_interceptor(tracer_provider=telemetry.tracer_provider))  # type: ignore[no-untyped-call]
-        chain += [LogContextInterceptor(), *interceptors, ErrorInterceptor(domain=f"costmesh.{name}")]
+        auth = server_interceptors(settings.auth, domain=f"costmesh.{name}")
+        chain += [LogContextInterceptor(), *auth, *interceptors, ErrorInterceptor(domain=f"costmesh.{name}")]
         self.server = grpc.aio.server(
             interceptors=chain,
             options=[
@@ -82,6 +84,8 @@ class ServiceHost:
         self._closers: list[Closer] = []
         self._stop = asyncio.Event()
         self.port: int | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
 
     def add_service(self, full_name: str, register: Callable[[grpc.aio.Server], None]) -> None:
         """Register a servicer (``register(server)``) under its full proto name for health and reflection."""
@@ -114,6 +118,12 @@ class ServiceHost:
             raise RuntimeError(f"could not bind {address}")
         self.port = port
         await self.server.start()
+        if self.settings.health_port is not None:  # plaintext, health only: kubelet probes beside mTLS
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            health_address = f"{self.settings.host}:{self.settings.health_port}"
+            self.health_port = self._health_server.add_insecure_port(health_address)
+            await self._health_server.start()
         log.info("server_started", host=self.settings.host, port=port, services=self._service_names, tls=bool(creds))
         return port
 
@@ -122,6 +132,8 @@ class ServiceHost:
         await self.health.enter_graceful_shutdown()
         log.info("server_stopping", grace_period_s=self.settings.grace_period_s)
         await self.server.stop(self.settings.grace_period_s)
+        if self._health_server is not None:
+            await self._health_server.stop(None)
         for closer in reversed(self._closers):
             try:
                 result = closer()

@@ -16,6 +16,8 @@ from pydantic import Field
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from services.common.auth import AuthSettings
+
 CONFIG_ENV = "COSTMESH_CONFIG"
 
 #: Default gRPC ports of the mesh on one machine.
@@ -75,6 +77,12 @@ class ServiceSettings(BaseSettings):
     tls_cert_file: Path | None = Field(None, description="Server certificate (PEM); with key and CA = mTLS.")
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None
+    health_port: int | None = Field(
+        None, ge=0, le=65535, description="Extra plaintext port serving only gRPC health (probes beside mTLS)."
+    )
+    auth: AuthSettings = Field(
+        default_factory=AuthSettings, description="API keys (off by default; see services/common/auth.py)."
+    )
 
     @classmethod
     def settings_customise_sources(

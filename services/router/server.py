@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,6 +12,7 @@ from costmesh.common.v1 import common_pb2
 from costmesh.router.v1 import router_pb2, router_pb2_grpc
 from services.common import deadline
 from services.common.attribution import Attribution, from_metadata
+from services.router.limits import TenantLimiter
 from services.router.pipeline import GenerateInput, GenerateResult, JobState, Pipeline, TextDelta, validate
 from services.router.protoconv import (
     attribution_from_proto,
@@ -53,21 +55,32 @@ def _input(
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, *, pipeline: Pipeline) -> None:
+    def __init__(self, *, pipeline: Pipeline, limiter: TenantLimiter | None = None) -> None:
         self._pipeline = pipeline
+        self._limiter = limiter
+
+    def _admit(self, tenant: str) -> contextlib.AbstractContextManager[None]:
+        """The tenant's concurrency/rate slot; requests without a valid tenant are rejected by validation instead."""
+        if self._limiter is None or not tenant or len(tenant) > 64:
+            return contextlib.nullcontext()
+        return self._limiter.admit(tenant)
 
     async def Generate(self, request: router_pb2.GenerateRequest, context: Context) -> router_pb2.GenerateResponse:
-        result = await self._pipeline.generate(_input(request, context))
+        inp = _input(request, context)
+        with self._admit(inp.attribution.tenant):
+            result = await self._pipeline.generate(inp)
         return router_pb2.GenerateResponse(result=result_to_proto(result))
 
     async def GenerateStream(
         self, request: router_pb2.GenerateStreamRequest, context: Context
     ) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
-        async for event in self._pipeline.run(_input(request, context)):
-            if isinstance(event, TextDelta):
-                yield router_pb2.GenerateStreamResponse(text=event.text)
-            elif isinstance(event, GenerateResult):
-                yield router_pb2.GenerateStreamResponse(result=result_to_proto(event))
+        inp = _input(request, context)
+        with self._admit(inp.attribution.tenant):
+            async for event in self._pipeline.run(inp):
+                if isinstance(event, TextDelta):
+                    yield router_pb2.GenerateStreamResponse(text=event.text)
+                elif isinstance(event, GenerateResult):
+                    yield router_pb2.GenerateStreamResponse(result=result_to_proto(event))
 
     async def Classify(self, request: router_pb2.ClassifyRequest, context: Context) -> router_pb2.ClassifyResponse:
         inp = GenerateInput(
@@ -76,13 +89,17 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             messages=messages_from_proto(request.messages),
             sampling=sampling_from_proto(request.sampling),
         )
-        validate(inp, self._pipeline.limits)
-        return router_pb2.ClassifyResponse(decision=decision_to_proto(self._pipeline.decide(inp)))
+        with self._admit(inp.attribution.tenant):
+            validate(inp, self._pipeline.limits)
+            decision = self._pipeline.decide(inp)
+        return router_pb2.ClassifyResponse(decision=decision_to_proto(decision))
 
     async def SubmitAsync(
         self, request: router_pb2.SubmitAsyncRequest, context: Context
     ) -> router_pb2.SubmitAsyncResponse:
-        sub = await self._pipeline.submit(_input(request, context))
+        inp = _input(request, context)
+        with self._admit(inp.attribution.tenant):
+            sub = await self._pipeline.submit(inp)
         reply = router_pb2.SubmitAsyncResponse(
             job_id=sub.job_id, state=_JOB_STATES[sub.state], route=decision_to_proto(sub.decision)
         )
