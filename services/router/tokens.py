@@ -1,8 +1,10 @@
 """Prompt token counts for reservation estimates, with each tier's own tokenizer and chat template.
 
 A tier whose tokenizer directory is configured counts exactly what its worker will see (the chat template rendered
-with the generation prompt, then tokenized). Without one, a conservative estimate is used (one token per 3
-characters plus 8 per message), which over-reserves rather than under-reserves; the commit settles the real count.
+with the generation prompt, then tokenized). Without one, an upper bound is used — one token per UTF-8 byte plus 16
+per message (a byte-level BPE token is never shorter than one byte) — which over-reserves rather than
+under-reserves, so a hard limit still holds; the commit settles the real count. Configure ``tokenizer_dirs`` for
+exact estimates.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ log = structlog.get_logger("costmesh.router.tokens")
 
 
 def estimate_tokens(messages: Sequence[Message]) -> int:
-    return sum(len(m.content) // 3 + 8 for m in messages)
+    return sum(len(m.content.encode("utf-8")) + 16 for m in messages)
 
 
 class TierTokenizers:
@@ -39,8 +41,7 @@ class TierTokenizers:
             return estimate_tokens(messages)
         convo = [{"role": m.role, "content": m.content} for m in messages]
         if tok.chat_template:
-            ids = tok.apply_chat_template(convo, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict):  # newer transformers return a BatchEncoding
-                ids = ids["input_ids"]
-            return len(ids)
+            # Exactly what the worker feeds the engine: the rendered template, tokenized without extra specials.
+            text = tok.apply_chat_template(convo, add_generation_prompt=True, tokenize=False)
+            return len(tok(text, add_special_tokens=False)["input_ids"])
         return len(tok("\n".join(m.content for m in messages))["input_ids"])
