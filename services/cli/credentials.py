@@ -11,11 +11,11 @@ Each sub-app registers :func:`credentials_options` as its callback, so these opt
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import grpc
 import typer
 
@@ -38,8 +38,10 @@ class ClientCredentials:
         return {"credentials": creds, "interceptors": bearer_interceptors(self.admin_key)}
 
 
+_current: contextvars.ContextVar[ClientCredentials] = contextvars.ContextVar("costmesh_cli_credentials")
+
+
 def credentials_options(
-    ctx: typer.Context,
     admin_key: Annotated[
         str | None,
         typer.Option(envvar="COSTMESH_ADMIN_KEY", help="admin API key (when auth is on)", show_default=False),
@@ -53,11 +55,11 @@ def credentials_options(
     tls_key_file: Annotated[Path | None, typer.Option(envvar="COSTMESH_TLS_KEY_FILE", help="client key (mTLS)")] = None,
 ) -> None:
     """Credentials for a secured mesh (options, or their environment variables)."""
-    ctx.obj = ClientCredentials(admin_key or None, tls_ca_file, tls_cert_file, tls_key_file)
+    # Runs before every sub-command of the app; the command's gRPC calls (inside asyncio.run, which copies the
+    # context) read it back with current().
+    _current.set(ClientCredentials(admin_key or None, tls_ca_file, tls_cert_file, tls_key_file))
 
 
 def current() -> ClientCredentials:
     """The credentials given to the running command (none outside a command, e.g. in direct calls from tests)."""
-    ctx = click.get_current_context(silent=True)
-    found = ctx.find_object(ClientCredentials) if ctx is not None else None
-    return found if found is not None else ClientCredentials()
+    return _current.get(ClientCredentials())

@@ -153,13 +153,8 @@ def server_interceptors(settings: AuthSettings, *, domain: str) -> list[grpc.aio
 # ---- client side ----------------------------------------------------------------------------------------------
 
 
-class _BearerInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds ``authorization: Bearer <key>`` to every call of a channel."""
+class _Bearer:
+    """Adds ``authorization: Bearer <key>`` to a call's metadata."""
 
     def __init__(self, key: str) -> None:
         self._header = (AUTHORIZATION, f"Bearer {key}")
@@ -171,19 +166,32 @@ class _BearerInterceptor(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+class _BearerUnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(self._details(client_call_details), request)
 
+
+class _BearerUnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(self._details(client_call_details), request)
 
+
+class _BearerStreamUnary(_Bearer, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
         return await continuation(self._details(client_call_details), request_iterator)
 
+
+class _BearerStreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
         return await continuation(self._details(client_call_details), request_iterator)
 
 
 def bearer_interceptors(key: str | None) -> list[grpc.aio.ClientInterceptor]:
-    """Client interceptors presenting ``key`` on every call (none without a key)."""
-    return [_BearerInterceptor(key)] if key else []
+    """Client interceptors presenting ``key`` on every call (none without a key).
+
+    One object per call kind: grpc.aio files an interceptor under the first kind it implements only.
+    """
+    if not key:
+        return []
+    return [_BearerUnaryUnary(key), _BearerUnaryStream(key), _BearerStreamUnary(key), _BearerStreamStream(key)]
