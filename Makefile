@@ -67,7 +67,7 @@ models: $(STAMP)
 	$(BIN)/costmesh models build
 
 lock: $(STAMP)
-	$(PY) -m pip freeze --exclude-editable | grep -v '^costmesh' > requirements/constraints.txt
+	{ grep "^#" requirements/constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v "^costmesh"; } > requirements/constraints.new && mv requirements/constraints.new requirements/constraints.txt
 
 clean:
 	rm -rf var .mypy_cache .ruff_cache .pytest_cache
