@@ -316,7 +316,7 @@ def run_demo(
     data_dir: Path,
     start_timeout_s: float,
 ) -> Report:
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=132)  # logs and CI: room for the tables
     layout = MeshLayout(data_dir=data_dir)
     proc: subprocess.Popen[bytes] | None = None
     log_file = data_dir / "mesh.log"
