@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 from opentelemetry import trace
@@ -38,6 +38,9 @@ from services.common.errors import (
 )
 from services.common.pricing import PriceTable, TokenUsage
 from services.router.classifier.types import Message, Tier
+
+if TYPE_CHECKING:
+    from services.router.metrics import RouterMetrics
 
 log = structlog.get_logger("costmesh.router")
 
@@ -445,6 +448,7 @@ class Pipeline:
         limits: PipelineLimits | None = None,
         spawn: Callable[[Awaitable[None]], object] | None = None,
         jobs: JobPort | None = None,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self._decider = decider
         self._cache = cache
@@ -459,6 +463,7 @@ class Pipeline:
         self._spawn = spawn
         self._jobs = jobs
         self._inline: dict[str, tuple[str, GenerateResult]] = {}
+        self._metrics = metrics
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -517,19 +522,32 @@ class Pipeline:
         if lookup.outcome is LookupOutcome.HIT and lookup.answer is not None:
             result = self._hit(inp, decision, lookup)
             _annotate_result(span, result)
+            self._observe(inp, result)
             yield TextDelta(result.text)
             yield result
             return
         if lookup.outcome is LookupOutcome.MISS:
             settle.lease = (lookup.key, lookup.lease_id)
+        answered = False
         try:
             async for event in self._miss(inp, decision, settle):
                 if isinstance(event, GenerateResult):
                     _annotate_result(span, event)
+                    self._observe(inp, event)
+                    answered = True
                 yield event
-        except BaseException:
+        except BaseException as err:
+            if not answered:
+                self._observe(inp, error=err)
             await settle.settle_failure()
             raise
+
+    def _observe(
+        self, inp: GenerateInput, result: GenerateResult | None = None, error: BaseException | None = None
+    ) -> None:
+        """The request's result or failure is known: count it (services/router/metrics.py)."""
+        if self._metrics is not None:
+            self._metrics.observe(inp, result, error)
 
     async def _lookup(self, inp: GenerateInput, tier: Tier, *, peek: bool = False) -> CacheLookup:
         if self._cache is None or inp.cache_mode is CacheMode.BYPASS:
