@@ -1,6 +1,6 @@
 """Cheap, deterministic features of a request: what the classifier sees.
 
-Two kinds, both computed in one pass over the text with the standard library and numpy:
+Two kinds, computed with the standard library and numpy in a bounded number of passes over the text:
 
 * **dense** features with names (length and token estimate, code, maths, multi-step and reasoning cues, requested
   output length, number of constraints, language, multiple-choice shape); they also explain a decision (the
@@ -32,7 +32,7 @@ FloatArray = npt.NDArray[np.float64]
 #: Characters of a message the cue features read: longer texts are read at their head and tail (half each), which
 #: bounds the cost of a request; the length features still count all of it.
 WINDOW_CHARS = 4000
-#: Bucket count of the hashed n-grams (2**18 by default; the artifact records its own).
+#: Bucket count (bits) of the hashed n-grams when a model uses them; the artifact records its own (0 = none).
 DEFAULT_HASH_BITS = 18
 
 
