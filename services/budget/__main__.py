@@ -19,10 +19,12 @@ from redis.backoff import NoBackoff
 from costmesh.budget.v1 import budget_pb2, budget_pb2_grpc
 from services.budget.config import BudgetSettings
 from services.budget.ledger import BudgetLedger, LedgerSettings
+from services.budget.metrics import BudgetMetrics
 from services.budget.redis_store import RedisBudgetStore
 from services.budget.server import BudgetServicer
 from services.budget.sqlite_store import SqliteBudgetStore
 from services.budget.store import BudgetStore, StoreUnavailable
+from services.common.rpc_telemetry import RpcMetricsInterceptor, host_meter
 from services.common.server import ServiceHost, full_service_name, make_host
 
 log = structlog.get_logger("costmesh.budget")
@@ -101,7 +103,7 @@ async def assemble(settings: BudgetSettings, host: ServiceHost) -> BudgetStore:
     store = await build_store(settings)
     host.on_stop(store.close)
     ledger = BudgetLedger(store=store, settings=ledger_settings(settings))
-    servicer = BudgetServicer(ledger=ledger)
+    servicer = BudgetServicer(ledger=ledger, metrics=BudgetMetrics(host_meter(host, "costmesh.budget")))
     host.add_service(
         full_service_name(budget_pb2, "BudgetService"),
         lambda server: budget_pb2_grpc.add_BudgetServiceServicer_to_server(servicer, server),
@@ -111,7 +113,9 @@ async def assemble(settings: BudgetSettings, host: ServiceHost) -> BudgetStore:
 
 
 async def serve(settings: BudgetSettings) -> None:
-    host = make_host("budget", settings)
+    rpc_metrics = RpcMetricsInterceptor()
+    host = make_host("budget", settings, interceptors=[rpc_metrics])
+    rpc_metrics.bind(host_meter(host, "costmesh.budget"))
     store = await assemble(settings, host)
     await host.run(ready=lambda: wait_for_store(store))
 

@@ -18,10 +18,12 @@ from services.budget.ledger import (
     ScopeInput,
     UsageQuery,
 )
+from services.budget.metrics import BudgetMetrics
 from services.budget.model import PPM, Policy, Scope
 from services.budget.policy import Headroom
 from services.budget.usage import UsageRow
 from services.common.attribution import Attribution, from_metadata
+from services.common.errors import ResourceExhausted
 from services.common.pricing import TokenUsage
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -121,21 +123,26 @@ def _row_to_proto(row: UsageRow) -> budget_pb2.UsageRow:
 class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
     """costmesh.budget.v1.BudgetService over a :class:`BudgetLedger`."""
 
-    def __init__(self, *, ledger: BudgetLedger) -> None:
+    def __init__(self, *, ledger: BudgetLedger, metrics: BudgetMetrics | None = None) -> None:
         self._ledger = ledger
+        self._metrics = metrics or BudgetMetrics()
 
     async def Reserve(self, request: budget_pb2.ReserveRequest, context: Context) -> budget_pb2.ReserveResponse:
-        r = await self._ledger.reserve(
-            ReserveInput(
-                request_id=request.request_id,
-                attribution=_attribution(request.attribution, context),
-                estimated_cost_micros=request.estimated_cost_micros,
-                estimated_tokens=request.estimated_tokens,
-                ttl_seconds=request.ttl_seconds,
-                model=request.model,
-                tier=int(request.tier),
-            )
+        inp = ReserveInput(
+            request_id=request.request_id,
+            attribution=_attribution(request.attribution, context),
+            estimated_cost_micros=request.estimated_cost_micros,
+            estimated_tokens=request.estimated_tokens,
+            ttl_seconds=request.ttl_seconds,
+            model=request.model,
+            tier=int(request.tier),
         )
+        try:
+            r = await self._ledger.reserve(inp)
+        except ResourceExhausted as err:
+            self._metrics.rejected(inp, err)
+            raise
+        self._metrics.reserved(inp, r)
         msg = budget_pb2.ReserveResponse(
             reservation_id=r.reservation_id,
             expires_unix_ms=r.expires_unix_ms,
@@ -149,17 +156,17 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
         return msg
 
     async def Commit(self, request: budget_pb2.CommitRequest, context: Context) -> budget_pb2.CommitResponse:
-        r = await self._ledger.commit(
-            CommitInput(
-                tenant=_tenant(request.tenant, context),
-                reservation_id=request.reservation_id,
-                actual_cost_micros=request.actual_cost_micros,
-                usage=_usage(request.usage),
-                model=request.model,
-                tier=int(request.tier),
-                saved_micros=request.saved_micros,
-            )
+        inp = CommitInput(
+            tenant=_tenant(request.tenant, context),
+            reservation_id=request.reservation_id,
+            actual_cost_micros=request.actual_cost_micros,
+            usage=_usage(request.usage),
+            model=request.model,
+            tier=int(request.tier),
+            saved_micros=request.saved_micros,
         )
+        r = await self._ledger.commit(inp)
+        self._metrics.committed(inp, r)
         msg = budget_pb2.CommitResponse(
             charged_micros=r.charged_micros, over_estimate=r.over_estimate, replayed=r.replayed
         )
@@ -168,22 +175,24 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
         return msg
 
     async def Release(self, request: budget_pb2.ReleaseRequest, context: Context) -> budget_pb2.ReleaseResponse:
-        r = await self._ledger.release(_tenant(request.tenant, context), request.reservation_id)
+        tenant = _tenant(request.tenant, context)
+        r = await self._ledger.release(tenant, request.reservation_id)
+        self._metrics.released(tenant, request.reservation_id)
         return budget_pb2.ReleaseResponse(released_micros=r.released_micros, replayed=r.replayed)
 
     async def RecordSavings(
         self, request: budget_pb2.RecordSavingsRequest, context: Context
     ) -> budget_pb2.RecordSavingsResponse:
-        replayed = await self._ledger.record_savings(
-            SavingsInput(
-                request_id=request.request_id,
-                attribution=_attribution(request.attribution, context),
-                saved_micros=request.saved_micros,
-                reason=int(request.reason),
-                model=request.model,
-                tier=int(request.tier),
-            )
+        inp = SavingsInput(
+            request_id=request.request_id,
+            attribution=_attribution(request.attribution, context),
+            saved_micros=request.saved_micros,
+            reason=int(request.reason),
+            model=request.model,
+            tier=int(request.tier),
         )
+        replayed = await self._ledger.record_savings(inp)
+        self._metrics.savings(inp, replayed=replayed)
         return budget_pb2.RecordSavingsResponse(replayed=replayed)
 
     async def SetBudget(self, request: budget_pb2.SetBudgetRequest, context: Context) -> budget_pb2.SetBudgetResponse:
@@ -193,6 +202,7 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
     async def GetBudget(self, request: budget_pb2.GetBudgetRequest, context: Context) -> budget_pb2.GetBudgetResponse:
         s = request.scope
         view = await self._ledger.get_budget(ScopeInput(int(s.kind), s.tenant, s.name))
+        self._metrics.headroom(view.headroom)
         msg = budget_pb2.GetBudgetResponse(headroom=[headroom_to_proto(h) for h in view.headroom])
         if view.policy is not None:
             msg.policy.CopyFrom(policy_to_proto(view.policy))

@@ -15,11 +15,13 @@ import structlog
 from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from services.cache.config import CacheSettings
 from services.cache.memory_store import MemoryStore
+from services.cache.metrics import CacheMetrics
 from services.cache.namespaces import Namespaces
 from services.cache.redis_store import RedisStore
 from services.cache.server import CacheServicer
 from services.cache.singleflight import Breaker, ResponseCache
 from services.cache.store import CacheStore, StoreUnavailable
+from services.common.rpc_telemetry import RpcMetricsInterceptor, host_meter
 from services.common.server import ServiceHost, full_service_name, make_host
 
 log = structlog.get_logger("costmesh.cache")
@@ -54,7 +56,9 @@ async def assemble(settings: CacheSettings, host: ServiceHost, *, store: CacheSt
     await store.start()
     host.on_stop(store.close)
     cache = build_cache(settings, store)
-    servicer = CacheServicer(cache=cache)
+    servicer = CacheServicer(
+        cache=cache, metrics=CacheMetrics(host_meter(host, "costmesh.cache"), waiting=cache.waiting)
+    )
     host.add_service(
         full_service_name(cache_pb2, "CacheService"),
         lambda server: cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server),
@@ -72,7 +76,9 @@ async def assemble(settings: CacheSettings, host: ServiceHost, *, store: CacheSt
 
 
 async def serve(settings: CacheSettings) -> None:
-    host = make_host("cache", settings)
+    rpc_metrics = RpcMetricsInterceptor()
+    host = make_host("cache", settings, interceptors=[rpc_metrics])
+    rpc_metrics.bind(host_meter(host, "costmesh.cache"))
     await assemble(settings, host)
     await host.run()
 

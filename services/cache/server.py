@@ -12,6 +12,7 @@ import grpc
 from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from costmesh.common.v1 import common_pb2
 from services.cache.keys import Message, Role, Sampling, is_key
+from services.cache.metrics import CacheMetrics
 from services.cache.namespaces import TENANT_ID
 from services.cache.policy import FinishReason
 from services.cache.singleflight import Counters, LookupQuery, Outcome, ResponseCache
@@ -132,12 +133,15 @@ def _stats_proto(counters: Counters) -> cache_pb2.CacheStats:
 class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     """Thin translation layer over :class:`ResponseCache`."""
 
-    def __init__(self, *, cache: ResponseCache) -> None:
+    def __init__(self, *, cache: ResponseCache, metrics: CacheMetrics | None = None) -> None:
         self._cache = cache
+        self._metrics = metrics or CacheMetrics()
 
     async def Lookup(self, request: cache_pb2.LookupRequest, context: Context) -> cache_pb2.LookupResponse:
-        query = lookup_query(request, _attribution(request.attribution, context))
+        attribution = _attribution(request.attribution, context)
+        query = lookup_query(request, attribution)
         result = await self._cache.lookup(query)
+        self._metrics.lookup(attribution, query, result)
         response = cache_pb2.LookupResponse(
             outcome=_OUTCOMES[result.outcome], key=result.key, coalesced=result.coalesced
         )
@@ -178,6 +182,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                 cost_micros=response.cost_micros,
                 finish_reason=_FINISH.get(response.finish_reason, FinishReason.UNSPECIFIED),
             )
+        self._metrics.fill(attribution, abandon=request.abandon, result=result)
         return cache_pb2.FillResponse(stored=result.stored, reason=result.reason)
 
     async def Invalidate(self, request: cache_pb2.InvalidateRequest, context: Context) -> cache_pb2.InvalidateResponse:
