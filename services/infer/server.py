@@ -23,6 +23,7 @@ from services.infer.domain import (
 )
 from services.infer.jobs.runner import JobRunner, decode_result
 from services.infer.jobs.store import Job, JobState
+from services.infer.metrics import annotate_submission
 from services.infer.service import InferenceService
 
 MAX_METADATA_BYTES = 4096
@@ -141,6 +142,7 @@ class InferenceServicer(infer_pb2_grpc.InferenceServiceServicer):
             trace_context=current_traceparent(),
         )
         result = await self._jobs.submit(req, metadata=request.metadata)
+        annotate_submission(req, result.job.job_id)
         return infer_pb2.SubmitJobResponse(
             job_id=result.job.job_id, state=_JOB_STATE[result.job.state], replayed=result.replayed
         )
