@@ -39,21 +39,40 @@ def _retry_delay(seconds: float) -> duration_pb2.Duration:
     return duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
 
 
+#: Longest status message sent. Messages may quote the request (an unknown id), and the message travels twice in
+#: the trailers (percent-encoded in grpc-message, up to 9 bytes a character, and inside grpc-status-details-bin):
+#: unbounded, a long id would push the trailers past the client's 8 KiB metadata limit and turn a NOT_FOUND into
+#: RESOURCE_EXHAUSTED.
+MAX_MESSAGE_CHARS = 256
+#: Most bytes of BadRequest / QuotaFailure sent: a request with thousands of bad fields gets the first ones.
+MAX_DETAIL_BYTES = 2048
+
+
+def _clip(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[: MAX_MESSAGE_CHARS - 1] + "…"
+
+
 def to_rpc_status(error: CostmeshError, domain: str) -> status_pb2.Status:
     """The ``google.rpc.Status`` for a domain error."""
-    status = status_pb2.Status(code=error.code.value[0], message=error.message)
+    status = status_pb2.Status(code=error.code.value[0], message=_clip(error.message))
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=domain)
     info.metadata.update(error.metadata)
     status.details.append(_pack(info))
     if isinstance(error, InvalidArgument) and error.violations:
         bad = error_details_pb2.BadRequest()
         for v in error.violations:
-            bad.field_violations.add(field=v.field, description=v.description, reason=v.reason)
+            bad.field_violations.add(field=_clip(v.field), description=_clip(v.description), reason=v.reason)
+            if bad.ByteSize() > MAX_DETAIL_BYTES:
+                del bad.field_violations[-1]
+                break
         status.details.append(_pack(bad))
     if isinstance(error, ResourceExhausted) and error.violations:
         quota = error_details_pb2.QuotaFailure()
         for q in error.violations:
-            quota.violations.add(subject=q.subject, description=q.description)
+            quota.violations.add(subject=_clip(q.subject), description=_clip(q.description))
+            if quota.ByteSize() > MAX_DETAIL_BYTES:
+                del quota.violations[-1]
+                break
         status.details.append(_pack(quota))
     retry_after = getattr(error, "retry_after_s", None) if isinstance(error, ResourceExhausted | Unavailable) else None
     if retry_after is not None:

@@ -9,6 +9,7 @@ UNKNOWN, and anything rejected leaves the ledger exactly as it was.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,7 @@ AUTH = frozenset({UNAUTHENTICATED, PERMISSION_DENIED})
 
 #: Modest example counts keep CI fast; FUZZ_EXAMPLES scales them for a longer local hunt.
 FUZZ = settings(
-    max_examples=25,
+    max_examples=int(os.environ.get("COSTMESH_FUZZ_EXAMPLES", "25")),
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -89,12 +90,16 @@ def attribution(draw: st.DrawFn) -> common_pb2.Attribution:
 
 @st.composite
 def messages(draw: st.DrawFn, deep: int = 400) -> list[common_pb2.ChatMessage]:
-    """Empty lists, normal ones, deep ones (past the 256-message cap) and ones with hostile fields."""
+    """Empty lists, normal ones, deep ones (past the 256-message cap) and ones with hostile fields — sometimes in
+    every message, so a validator has thousands of violations to report."""
     count = draw(st.one_of(st.integers(0, 4), st.sampled_from([255, 256, 257]), st.integers(5, deep)))
+    every = draw(st.booleans())
     role = draw(ENUM)
     content = draw(text(200))
     msgs = [
-        common_pb2.ChatMessage(role=role if i == 0 else common_pb2.ROLE_USER, content=content if i == 0 else "hi")
+        common_pb2.ChatMessage(
+            role=role if i == 0 or every else common_pb2.ROLE_USER, content=content if i == 0 or every else "hi"
+        )
         for i in range(count)
     ]
     if msgs and draw(st.booleans()):
