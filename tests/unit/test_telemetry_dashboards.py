@@ -5,7 +5,7 @@ Prometheus rules (deploy/observability/prometheus/rules/*.yml) the rule-group sh
 them (and KEDA's Prometheus trigger) may only name metrics — and match on labels — that the services export. The
 exported names come from the instrument definitions themselves, run through the same Prometheus reader the services
 serve /metrics with (tests/support/telemetry.py). When ``promtool`` is installed (Debian package ``prometheus``), the
-expressions are also parsed by Prometheus itself and the alert rules' unit tests (``*_test.yml``) run.
+expressions are also parsed by Prometheus itself and the alert rules' unit tests (prometheus/tests/) run.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from tests.support.telemetry import PROMETHEUS_SERIES, TARGET_LABELS, exported_s
 ROOT = Path(__file__).resolve().parents[2]
 OBS = ROOT / "deploy" / "observability"
 DASHBOARDS = sorted((OBS / "grafana" / "dashboards").glob("*.json"))
-RULE_FILES = sorted(p for p in (OBS / "prometheus" / "rules").glob("*.yml") if not p.name.endswith("_test.yml"))
-RULE_TESTS = sorted((OBS / "prometheus" / "rules").glob("*_test.yml"))
+RULE_FILES = sorted((OBS / "prometheus" / "rules").glob("*.yml"))  # what prometheus.yml's rule_files loads
+RULE_TESTS = sorted((OBS / "prometheus" / "tests").glob("*_test.yml"))
 KEDA = ROOT / "deploy" / "k8s" / "components" / "keda-workers" / "scaledobjects.yaml"
 PANEL_TYPES = frozenset({"row", "stat", "timeseries", "table", "bargauge", "gauge", "piechart", "heatmap", "text"})
 PROMTOOL = shutil.which("promtool")
@@ -272,6 +272,19 @@ def test_promtool_parses_every_rule_and_dashboard_query(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
     checked = promtool("check", "rules", str(path))
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@needs_promtool
+def test_prometheus_loads_its_config_with_every_rule_file(tmp_path: Path) -> None:
+    config = yaml.safe_load((OBS / "prometheus" / "prometheus.yml").read_text())
+    (mounted,) = config["rule_files"]  # compose mounts prometheus/ at /etc/prometheus
+    assert mounted == "/etc/prometheus/rules/*.yml"
+    shutil.copytree(OBS / "prometheus" / "rules", tmp_path / "rules")
+    config["rule_files"] = [str(tmp_path / "rules" / "*.yml")]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    checked = promtool("check", "config", str(tmp_path / "prometheus.yml"))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"SUCCESS: {len(RULE_FILES)} rule files found" in checked.stdout + checked.stderr
 
 
 @needs_promtool
