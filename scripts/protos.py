@@ -5,7 +5,8 @@
 
 Output lands straight in the importable package ``costmesh`` (``protoc -I protos`` maps
 ``costmesh/<svc>/v1/<svc>.proto`` to ``costmesh/<svc>/v1/<svc>_pb2.py``), so generated imports resolve without
-edits. Both ``.pyi`` stubs come from mypy-protobuf (stricter than protoc's own ``--pyi_out``: typed enums, no bare generics).
+edits. Both ``.pyi`` stubs come from mypy-protobuf (stricter than protoc's own ``--pyi_out``: typed enums, no
+bare generics).
 """
 
 from __future__ import annotations
