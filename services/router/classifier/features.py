@@ -47,9 +47,10 @@ _ANSWER_CUE_RE = re.compile(r"\s*(?:Answer|Correct answer)\s*:?\s*$", re.IGNOREC
 _LIST_ITEM_RE = re.compile(r"(?:(?<=\s)|^)(?:\d{1,2}[.)]|[-*•])(?=\s)")
 _CODE_FENCE_RE = re.compile(r"```|~~~")
 _CODE_SYNTAX_RE = re.compile(
-    r"\bdef \w+\(|\bclass \w+\s*[:({]|#include\b|\bimport \w+|\bfrom \w+ import\b|\breturn\b|"
-    r"\bfunction\s*\w*\s*\(|\b(?:const|let|var) \w+\s*=|=>|[=!]==?|[{};]|\b(?:SELECT|INSERT|UPDATE) \w"
+    r"\b(?:def \w+\(|class \w+\s*[:({]|import \w+|from \w+ import\b|return\b|function\s*\w*\s*\(|"
+    r"(?:const|let|var) \w+\s*=|(?:SELECT|INSERT|UPDATE) \w)"
 )
+_CODE_SYMBOLS = ("{", "}", ";", "=>", "==", "!=", "#include")
 _LATEX_RE = re.compile(r"\\(?:frac|sqrt|int|sum|cdot|times|le|ge|pi|alpha|beta|theta|lambda)\b|\$[^$\n]+\$")
 _MATH_EXPR_RE = re.compile(r"\d\s*[-+*/^=×÷<>≤≥]\s*[\d(a-z]|[a-z]\s*[\^=]\s*\d|\d\s*%|\$\s*\d")
 _WORD_COUNT_RE = re.compile(r"\b\d+\s*(?:words?|sentences?|paragraphs?|bullet points?|items?|lines?|pages?)\b")
@@ -266,7 +267,10 @@ def _options(text: str) -> list[str]:
     bounds = [m.end() for m in best]
     starts = [m.start() for m in best[1:]] + [len(text)]
     options = [text[a:b].strip() for a, b in zip(bounds, starts, strict=True)]
-    options[-1] = _ANSWER_CUE_RE.sub("", options[-1])
+    last = options[-1]
+    cue = _ANSWER_CUE_RE.search(last, max(0, len(last) - 40))
+    if cue is not None:
+        options[-1] = last[: cue.start()]
     return options
 
 
@@ -369,7 +373,11 @@ def extract(
         stem_tokens = user_tokens
 
     word_counts = len(_WORD_COUNT_RE.findall(lower))
-    code_block = 3 * len(_CODE_FENCE_RE.findall(instructions)) + len(_CODE_SYNTAX_RE.findall(instructions))
+    code_block = (
+        3 * len(_CODE_FENCE_RE.findall(instructions))
+        + len(_CODE_SYNTAX_RE.findall(instructions))
+        + sum(instructions.count(sym) for sym in _CODE_SYMBOLS)
+    )
     math_expr = len(_MATH_EXPR_RE.findall(lower)) + 2 * len(_LATEX_RE.findall(instructions))
     constraints = len(_PHRASE_RE["constraint"].findall(lower)) + word_counts
     multi_step = step_words + 2 * len(_PHRASE_RE["multi_step"].findall(lower))
