@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import cast
 
 from costmesh.infer.v1 import infer_pb2, infer_pb2_grpc
-from services.common.rpc_telemetry import RpcMetricsInterceptor, host_meter
+from services.common.rpc_telemetry import AttributionBaggageInterceptor, RpcMetricsInterceptor, host_meter
 from services.common.server import full_service_name, make_host
 from services.infer.app import build_store, build_worker
 from services.infer.config import InferSettings
@@ -21,7 +21,7 @@ from services.infer.engine import VllmEngine
 
 async def serve(settings: InferSettings) -> None:
     rpc_metrics = RpcMetricsInterceptor()
-    host = make_host("infer", settings, interceptors=[rpc_metrics])
+    host = make_host("infer", settings, interceptors=[AttributionBaggageInterceptor(), rpc_metrics])
     meter = host_meter(host, "costmesh.infer")
     rpc_metrics.bind(meter)
     background: set[asyncio.Task[None]] = set()

@@ -49,6 +49,7 @@ class EngineRequest:
     max_tokens: int
     priority: int
     cache_salt: str | None = None
+    stream: bool = True  # False: one output at the end (durable jobs: no per-token work in the front end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,7 @@ class EngineOutput:
     finished: bool = False
     finish_reason: FinishReason | None = None
     num_cached_tokens: int | None = None
+    first_token_latency_s: float | None = None  # engine-measured, set on the final output when known
 
 
 @dataclass(slots=True)
@@ -299,9 +301,10 @@ class VllmEngine:
 
     def _sampling_params(self, request: EngineRequest) -> Any:
         s = request.sampling
+        kinds = self._vllm.sampling_params.RequestOutputKind
         kwargs: dict[str, Any] = {
             "max_tokens": request.max_tokens,
-            "output_kind": self._vllm.sampling_params.RequestOutputKind.DELTA,
+            "output_kind": kinds.DELTA if request.stream else kinds.FINAL_ONLY,
             "ignore_eos": s.ignore_eos,
         }
         if s.temperature is not None:
@@ -328,12 +331,15 @@ class VllmEngine:
                 completion = out.outputs[0]
                 reason = _FINISH.get(completion.finish_reason or "", FinishReason.STOP) if out.finished else None
                 finished = out.finished
+                metrics = getattr(out, "metrics", None)
+                latency = getattr(metrics, "first_token_latency", 0.0) if out.finished else 0.0
                 yield EngineOutput(
                     text=completion.text,
                     token_count=len(completion.token_ids),
                     finished=out.finished,
                     finish_reason=reason,
                     num_cached_tokens=out.num_cached_tokens,
+                    first_token_latency_s=float(latency) if latency else None,
                 )
         except vllm.v1.engine.exceptions.EngineDeadError as err:
             self._mark_dead()

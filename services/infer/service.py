@@ -198,9 +198,11 @@ class InferenceService:
     # --- generation ---
 
     async def generate(
-        self, req: GenerationRequest, *, slot: Slot | None = None
+        self, req: GenerationRequest, *, slot: Slot | None = None, stream: bool = True
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Stream one generation. Without ``slot`` it waits for admission in its class first.
+
+        ``stream=False`` asks the engine for the final output only (one event with all the text, then the summary).
 
         Stopping early (``aclose()``, a cancelled task, a passed deadline) aborts the request in the engine at once
         and frees its slot.
@@ -218,13 +220,15 @@ class InferenceService:
         try:
             # aclosing: an early stop of this generator must close the inner one now (it aborts the engine request),
             # not whenever the garbage collector gets to it.
-            async with contextlib.aclosing(self._run(prepared, arrival, slot.queue_class)) as events:
+            async with contextlib.aclosing(self._run(prepared, arrival, slot.queue_class, stream)) as events:
                 async for event in events:
                     yield event
         finally:
             slot.release()
 
-    async def _run(self, p: Prepared, arrival: float, cls: QueueClass) -> AsyncGenerator[GenerationEvent, None]:
+    async def _run(
+        self, p: Prepared, arrival: float, cls: QueueClass, stream: bool
+    ) -> AsyncGenerator[GenerationEvent, None]:
         lim = self._limits
         req = p.request
         stats = self.stats.classes[cls]
@@ -236,6 +240,7 @@ class InferenceService:
             max_tokens=p.max_tokens,
             priority=lim.interactive_priority if cls is QueueClass.INTERACTIVE else lim.async_priority,
             cache_salt=salt,
+            stream=stream,
         )
         first_at: float | None = None
         out_tokens = 0
@@ -244,14 +249,18 @@ class InferenceService:
         tail_text = ""
         tail_tokens = 0
         done = False
-        stream = self._engine.generate(engine_req)
+        submitted = self._clock()
+        outputs = self._engine.generate(engine_req)
         try:
-            async with contextlib.aclosing(stream):
-                async for out in stream:
+            async with contextlib.aclosing(outputs):
+                async for out in outputs:
                     if out.num_cached_tokens is not None:
                         cached = out.num_cached_tokens
                     if out.token_count and first_at is None:
-                        first_at = self._clock()
+                        # Streaming: the first output is the first token. Final-only: the engine measured it.
+                        now = self._clock()
+                        latency = out.first_token_latency_s
+                        first_at = now if stream or latency is None else min(now, submitted + latency)
                         stats.ttft_s.observe(first_at - arrival)
                     out_tokens += out.token_count
                     self.stats.output_tokens.add(out.token_count)
@@ -299,9 +308,9 @@ class InferenceService:
         yield Finished(tail_text, tail_tokens, summary)
 
     async def complete(self, req: GenerationRequest, *, slot: Slot | None = None) -> tuple[str, GenerationSummary]:
-        """Run a generation to its end and return its whole text and summary (durable jobs)."""
+        """Run a generation to its end and return its whole text and summary (durable jobs: nothing is streamed)."""
         parts: list[str] = []
-        gen = self.generate(req, slot=slot)
+        gen = self.generate(req, slot=slot, stream=False)
         async with contextlib.aclosing(gen):
             async for event in gen:
                 parts.append(event.text)

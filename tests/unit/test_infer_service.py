@@ -59,6 +59,18 @@ class ScriptedEngine:
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         self.requests.append(request)
         finished = False
+        if not request.stream:  # final output only, as vLLM's FINAL_ONLY output kind
+            await asyncio.sleep(0)
+            finished = True
+            yield EngineOutput(
+                text="".join(f"w{i} " for i in range(request.max_tokens)),
+                token_count=request.max_tokens,
+                finished=True,
+                finish_reason=FinishReason.LENGTH,
+                num_cached_tokens=self.cached,
+                first_token_latency_s=0.0005,
+            )
+            return
         try:
             for i in range(request.max_tokens):
                 if self.gate is not None:
@@ -262,8 +274,12 @@ async def test_dead_engine_is_unavailable_before_and_during_a_request() -> None:
         await collect(svc, req(request_id="r2"))
 
 
-async def test_complete_returns_the_whole_text() -> None:
-    svc = make_service(ScriptedEngine())
+async def test_complete_returns_the_whole_text_without_streaming() -> None:
+    engine = ScriptedEngine(cached=1)
+    svc = make_service(engine)
     text, summary = await svc.complete(req(sampling=Sampling(max_tokens=3)))
     assert text == "w0 w1 w2 "
-    assert summary.usage.output_tokens == 3
+    assert engine.requests[0].stream is False
+    assert (summary.usage.output_tokens, summary.usage.cached_input_tokens) == (3, 1)
+    # TTFT comes from the engine's own measurement when nothing streams.
+    assert summary.time_to_first_token_ms <= summary.latency_ms
