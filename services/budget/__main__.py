@@ -24,7 +24,7 @@ from services.budget.redis_store import RedisBudgetStore
 from services.budget.server import BudgetServicer
 from services.budget.sqlite_store import SqliteBudgetStore
 from services.budget.store import BudgetStore, StoreUnavailable
-from services.common.rpc_telemetry import RpcMetricsInterceptor, host_meter
+from services.common.rpc_telemetry import AttributionBaggageInterceptor, RpcMetricsInterceptor, host_meter
 from services.common.server import ServiceHost, full_service_name, make_host
 
 log = structlog.get_logger("costmesh.budget")
@@ -114,7 +114,7 @@ async def assemble(settings: BudgetSettings, host: ServiceHost) -> BudgetStore:
 
 async def serve(settings: BudgetSettings) -> None:
     rpc_metrics = RpcMetricsInterceptor()
-    host = make_host("budget", settings, interceptors=[rpc_metrics])
+    host = make_host("budget", settings, interceptors=[AttributionBaggageInterceptor(), rpc_metrics])
     rpc_metrics.bind(host_meter(host, "costmesh.budget"))
     store = await assemble(settings, host)
     await host.run(ready=lambda: wait_for_store(store))

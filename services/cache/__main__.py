@@ -21,7 +21,7 @@ from services.cache.redis_store import RedisStore
 from services.cache.server import CacheServicer
 from services.cache.singleflight import Breaker, ResponseCache
 from services.cache.store import CacheStore, StoreUnavailable
-from services.common.rpc_telemetry import RpcMetricsInterceptor, host_meter
+from services.common.rpc_telemetry import AttributionBaggageInterceptor, RpcMetricsInterceptor, host_meter
 from services.common.server import ServiceHost, full_service_name, make_host
 
 log = structlog.get_logger("costmesh.cache")
@@ -77,7 +77,7 @@ async def assemble(settings: CacheSettings, host: ServiceHost, *, store: CacheSt
 
 async def serve(settings: CacheSettings) -> None:
     rpc_metrics = RpcMetricsInterceptor()
-    host = make_host("cache", settings, interceptors=[rpc_metrics])
+    host = make_host("cache", settings, interceptors=[AttributionBaggageInterceptor(), rpc_metrics])
     rpc_metrics.bind(host_meter(host, "costmesh.cache"))
     await assemble(settings, host)
     await host.run()

@@ -6,8 +6,11 @@ error rates and latency come from one metric on every service. It sits outside t
 the status it records is the one the client receives.
 
 ``AttributionBaggageInterceptor`` puts the attribution of each request (its ``attribution`` field merged over the
-``x-costmesh-*`` metadata and any incoming baggage) into W3C baggage for the duration of the call, so every
-downstream call made while serving it carries tenant, team and feature.
+``x-costmesh-*`` metadata and the incoming W3C ``baggage`` header) into the baggage of the current context for the
+duration of the call: what the service records sees tenant, team and feature even when its request names only the
+tenant, and every downstream call made while serving it carries them on. ``baggage_client_interceptors`` send the
+baggage on a channel whose calls are not traced (the OpenTelemetry client interceptors send it when they are), so
+attribution travels whether or not tracing is on.
 
 Composition roots build these before ``make_host`` (which takes the interceptors) and ``bind`` the metrics
 interceptor to the process meter (:func:`host_meter`) once ``make_host`` has built it.
@@ -21,7 +24,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.trace import Status, StatusCode
 
 from services.common.attribution import Attribution, from_metadata
@@ -184,6 +189,15 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         return _rewrap(handler, unary, stream)  # type: ignore[no-any-return]
 
 
+_BAGGAGE = W3CBaggagePropagator()
+
+
+def _incoming_baggage(context: Any) -> otel_context.Context:
+    """The current context with the call's ``baggage`` header applied (what the tracing interceptor would do)."""
+    carrier = {k: v for k, v in (context.invocation_metadata() or ()) if k == "baggage" and isinstance(v, str)}
+    return _BAGGAGE.extract(carrier) if carrier else otel_context.get_current()
+
+
 def request_attribution(request: Any, context: Any) -> Attribution:
     """A request's own ``attribution`` field (when it has one) over the call's ``x-costmesh-*`` metadata."""
     fallback = from_metadata(tuple(context.invocation_metadata() or ()))
@@ -196,7 +210,7 @@ def request_attribution(request: Any, context: Any) -> Attribution:
 
 
 class AttributionBaggageInterceptor(grpc.aio.ServerInterceptor):
-    """Puts each request's attribution into W3C baggage while it is served (the router adds it)."""
+    """Puts each request's attribution, over the incoming baggage, into the call's context while it is served."""
 
     async def intercept_service(
         self,
@@ -209,17 +223,70 @@ class AttributionBaggageInterceptor(grpc.aio.ServerInterceptor):
 
         def unary(behavior: Any) -> Any:
             async def wrapped(request: Any, context: Any) -> Any:
-                with attribution_baggage(request_attribution(request, context)):
-                    return await behavior(request, context)
+                token = otel_context.attach(_incoming_baggage(context))
+                try:
+                    with attribution_baggage(request_attribution(request, context)):
+                        return await behavior(request, context)
+                finally:
+                    otel_context.detach(token)
 
             return wrapped
 
         def stream(behavior: Any) -> Any:
             async def wrapped(request: Any, context: Any) -> AsyncIterator[Any]:
-                with attribution_baggage(request_attribution(request, context)):
-                    async for item in behavior(request, context):
-                        yield item
+                token = otel_context.attach(_incoming_baggage(context))
+                try:
+                    with attribution_baggage(request_attribution(request, context)):
+                        async for item in behavior(request, context):
+                            yield item
+                finally:
+                    otel_context.detach(token)
 
             return wrapped
 
         return _rewrap(handler, unary, stream)  # type: ignore[no-any-return]
+
+
+class _BaggageOut:
+    """Adds the current context's W3C ``baggage`` header to a call's metadata."""
+
+    @staticmethod
+    def _details(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        carrier: dict[str, str] = {}
+        _BAGGAGE.inject(carrier)
+        if not carrier:
+            return details
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        for key, value in carrier.items():
+            metadata.add(key, value)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+
+class _BaggageUnaryUnary(_BaggageOut, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+class _BaggageUnaryStream(_BaggageOut, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+class _BaggageStreamUnary(_BaggageOut, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+class _BaggageStreamStream(_BaggageOut, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+def baggage_client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors that send the current W3C baggage on every call of an untraced channel.
+
+    One object per call kind: grpc.aio files an interceptor under the first kind it implements only.
+    """
+    return [_BaggageUnaryUnary(), _BaggageUnaryStream(), _BaggageStreamUnary(), _BaggageStreamStream()]

@@ -14,7 +14,12 @@ import grpc
 from costmesh.router.v1 import router_pb2, router_pb2_grpc
 from services.common.auth_grpc import bearer_interceptors
 from services.common.channels import channel_credentials, create_channel
-from services.common.rpc_telemetry import AttributionBaggageInterceptor, RpcMetricsInterceptor, host_meter
+from services.common.rpc_telemetry import (
+    AttributionBaggageInterceptor,
+    RpcMetricsInterceptor,
+    baggage_client_interceptors,
+    host_meter,
+)
 from services.common.server import full_service_name, make_host
 from services.router.classifier.types import Tier
 from services.router.clients import GrpcBudget, GrpcCache, GrpcInfer
@@ -41,6 +46,8 @@ async def serve(settings: RouterSettings) -> None:
         from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
         interceptors = list(aio_client_interceptors(tracer_provider=host.telemetry.tracer_provider))  # type: ignore[no-untyped-call]
+    else:  # untraced calls still carry tenant/team/feature as W3C baggage
+        interceptors = baggage_client_interceptors()
     interceptors += bearer_interceptors(settings.auth.outgoing_key())  # the router's service key, when set
 
     def channel(target: str, timeout_s: float) -> grpc.aio.Channel:

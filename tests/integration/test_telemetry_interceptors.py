@@ -25,7 +25,11 @@ from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from costmesh.common.v1 import common_pb2
 from services.common.attribution import Attribution
 from services.common.errors import ResourceExhausted
-from services.common.rpc_telemetry import AttributionBaggageInterceptor, RpcMetricsInterceptor
+from services.common.rpc_telemetry import (
+    AttributionBaggageInterceptor,
+    RpcMetricsInterceptor,
+    baggage_client_interceptors,
+)
 from services.common.server import ServiceHost, full_service_name
 from services.common.settings import ServiceSettings
 from services.common.spans import attribution_baggage, attribution_from_baggage
@@ -128,3 +132,24 @@ async def test_calls_are_timed_by_status_and_failed_spans_are_marked(
             (failed if s.status.status_code is StatusCode.ERROR else ok).append(s)
     assert len(failed) == len(ok) == 1
     assert dict(failed[0].attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+
+
+async def test_baggage_travels_without_tracing() -> None:
+    """No OpenTelemetry interceptors on either side: the baggage interceptors alone carry the attribution."""
+    host = ServiceHost(name="cache", settings=ServiceSettings(), interceptors=[AttributionBaggageInterceptor()])
+    servicer = BaggageEcho()
+    host.add_service(
+        full_service_name(cache_pb2, "CacheService"),
+        lambda server: cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server),
+    )
+    port = await host.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=baggage_client_interceptors()) as ch:
+            stub = cache_pb2_grpc.CacheServiceStub(ch)
+            with attribution_baggage(Attribution(tenant="acme", team="search", feature="faq")):
+                reply = await stub.Lookup(cache_pb2.LookupRequest(model="m"), timeout=10)
+            assert reply.key == "acme|search|faq"
+            reply = await stub.Lookup(cache_pb2.LookupRequest(model="m"), timeout=10)  # no baggage: nothing leaks
+            assert reply.key == "||"
+    finally:
+        await host.stop()
