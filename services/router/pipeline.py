@@ -14,6 +14,7 @@ Money invariants, held on every path:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 import uuid
@@ -372,6 +373,20 @@ def _annotate_result(span: trace.Span, r: GenerateResult) -> None:
     span.set_attributes(attrs)
 
 
+def budget_request_id(request_id: str, run: str, suffix: str) -> str:
+    """The budget's idempotency key for one reservation of a request, within the budget's 128 characters.
+
+    An interactive run adds its own ``run`` id: every run is a new inference that must be paid, so a client reusing
+    a request_id must not replay (and get for free) an earlier run's reservation; retries of the Reserve call within
+    the run keep the key, so the budget still deduplicates them. Async submissions pass no ``run``: the worker
+    deduplicates jobs by request_id, so a resubmission is the same job and must settle the same reservation.
+    """
+    base = f"{request_id}@{run}" if run else request_id
+    if len(base) + len(suffix) > 128:
+        base = hashlib.sha256(base.encode("utf-8")).hexdigest()
+    return base + suffix
+
+
 def validate(inp: GenerateInput, limits: PipelineLimits) -> None:
     """Every bad field at once, as INVALID_ARGUMENT with BadRequest."""
     v = Validator()
@@ -600,12 +615,12 @@ class Pipeline:
             baseline_micros=saved,
         )
 
-    async def _reserve(self, inp: GenerateInput, tier: Tier, suffix: str, ttl_s: int = 0) -> Reservation:
+    async def _reserve(self, inp: GenerateInput, tier: Tier, suffix: str, ttl_s: int = 0, run: str = "") -> Reservation:
         max_tokens = self._max_tokens(inp)
         prompt_tokens = self._tokens.count_prompt(tier, inp.messages)
         price = self._prices.price_for(tier=tier.label, model=self._models[tier])
         return await self._budget.reserve(
-            request_id=inp.request_id + suffix,
+            request_id=budget_request_id(inp.request_id, run, suffix),
             attribution=inp.attribution,
             estimated_cost_micros=price.estimate_micros(prompt_tokens, max_tokens),
             estimated_tokens=prompt_tokens + max_tokens,
@@ -615,17 +630,17 @@ class Pipeline:
         )
 
     async def _reserve_with_downgrade(
-        self, inp: GenerateInput, decision: Decision, settle: _Settlement, ttl_s: int = 0
+        self, inp: GenerateInput, decision: Decision, settle: _Settlement, ttl_s: int = 0, run: str = ""
     ) -> tuple[Tier, str]:
         """Reserve on the decided tier; downgrade to cheap on a soft threshold or a full-tier hard stop."""
         tier = decision.tier
         can_downgrade = tier is Tier.FULL and decision.min_tier is Tier.CHEAP and inp.requested_tier is not Tier.FULL
         try:
-            settle.reservation = await self._reserve(inp, tier, "", ttl_s)
+            settle.reservation = await self._reserve(inp, tier, "", ttl_s, run)
         except ResourceExhausted:
             if not can_downgrade:
                 raise
-            settle.reservation = await self._reserve(inp, Tier.CHEAP, "/cheap", ttl_s)
+            settle.reservation = await self._reserve(inp, Tier.CHEAP, "/cheap", ttl_s, run)
             return Tier.CHEAP, "budget_downgrade"
         except Unavailable:
             if not self.limits.fail_open_budget:
@@ -636,13 +651,14 @@ class Pipeline:
             self._caps.put(inp.attribution.tenant, inp.attribution.feature, settle.reservation.max_tokens_cap)
         if settle.reservation.soft_limit_exceeded and can_downgrade:
             first = settle.reservation
-            settle.reservation = await self._reserve(inp, Tier.CHEAP, "/cheap", ttl_s)
+            settle.reservation = await self._reserve(inp, Tier.CHEAP, "/cheap", ttl_s, run)
             await self._budget.release(reservation_id=first.reservation_id, tenant=inp.attribution.tenant)
             return Tier.CHEAP, "budget_downgrade"
         return tier, decision.policy
 
     async def _miss(self, inp: GenerateInput, decision: Decision, settle: _Settlement) -> AsyncIterator[Event]:
-        tier, policy = await self._reserve_with_downgrade(inp, decision, settle)
+        run = uuid.uuid4().hex[:12]  # this run's reservations: a reused request_id is a new inference, paid again
+        tier, policy = await self._reserve_with_downgrade(inp, decision, settle, run=run)
         remaining = settle.reservation.remaining_micros if settle.reservation else None
         escalated = False
         sampling = replace(inp.sampling, max_tokens=self._max_tokens(inp))
@@ -669,7 +685,7 @@ class Pipeline:
             await settle.release()
             tier, policy, escalated = other, "escalated", True
             try:
-                settle.reservation = await self._reserve(inp, tier, "/esc")
+                settle.reservation = await self._reserve(inp, tier, "/esc", run=run)
             except Unavailable:
                 if not self.limits.fail_open_budget:
                     raise
