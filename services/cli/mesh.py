@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -155,8 +156,9 @@ class LocalMesh:
             self.logs[name] = log
             env = {**os.environ, **spec.env, **self.extra_env.get(name, {}), "PYTHONUNBUFFERED": "1"}
             with log.open("ab") as out:
+                # Each service leads its own process group, so a kill also reaches its children (vLLM's engine core).
                 self.procs[name] = subprocess.Popen(
-                    list(spec.argv), cwd=self.cwd, env=env, stdout=out, stderr=subprocess.STDOUT
+                    list(spec.argv), cwd=self.cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
                 )
 
     async def wait_serving(self, *names: str, timeout_s: float = 240.0) -> None:
@@ -166,10 +168,14 @@ class LocalMesh:
         return self.logs[name].read_text(encoding="utf-8", errors="replace")
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal a service and, for SIGKILL, every process of its group (a crash leaves no orphans behind)."""
         proc = self.procs[name]
         if proc.poll() is None:
             proc.send_signal(sig)
             proc.wait(60)
+        if sig == signal.SIGKILL:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -181,3 +187,5 @@ class LocalMesh:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever the service left behind
