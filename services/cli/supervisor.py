@@ -120,8 +120,8 @@ class Supervisor:
                 await asyncio.wait_for(child.proc.wait(), max(0.1, deadline - time.monotonic()))
             except TimeoutError:
                 self._event(child.spec.name, "did not stop in time; killing")
-                with contextlib.suppress(ProcessLookupError):
-                    child.proc.kill()
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(child.proc.pid, signal.SIGKILL)  # the child leads its group: its children go too
                 await child.proc.wait()
             self._event(child.spec.name, f"stopped (code {child.proc.returncode})")
 
