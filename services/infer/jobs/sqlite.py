@@ -194,7 +194,15 @@ class SqliteJobStore:
                 )
                 return Claim(claimed, token, worker, reclaimed=job.state is JobState.RUNNING)
 
-        return await self._run(lambda conn: self._tx(conn, body))
+        def claim_if_any(conn: sqlite3.Connection) -> Claim | None:
+            # Idle workers poll: look without the write lock first, so polling never blocks submitters.
+            ready = conn.execute(
+                "SELECT 1 FROM jobs WHERE state = 'QUEUED' OR (state = 'RUNNING' AND lease_until_ms < ?) LIMIT 1",
+                (self._now(),),
+            ).fetchone()
+            return self._tx(conn, body) if ready is not None else None
+
+        return await self._run(claim_if_any)
 
     async def _fenced_update(self, claim: Claim, sql: str, args: tuple[Any, ...]) -> bool:
         def body(conn: sqlite3.Connection) -> bool:
