@@ -376,10 +376,11 @@ def _annotate_result(span: trace.Span, r: GenerateResult) -> None:
 def budget_request_id(request_id: str, run: str, suffix: str) -> str:
     """The budget's idempotency key for one reservation of a request, within the budget's 128 characters.
 
-    An interactive run adds its own ``run`` id: every run is a new inference that must be paid, so a client reusing
+    An interactive run passes its own ``run`` id: every run is a new inference that must be paid, so a client reusing
     a request_id must not replay (and get for free) an earlier run's reservation; retries of the Reserve call within
-    the run keep the key, so the budget still deduplicates them. Async submissions pass no ``run``: the worker
-    deduplicates jobs by request_id, so a resubmission is the same job and must settle the same reservation.
+    the run keep the key, so the budget still deduplicates them. An async submission passes the tier it reserves for:
+    the worker of that tier deduplicates jobs by request_id, so a resubmission is the same job and settles the same
+    reservation, while the same id sent to the other tier's worker is a new job with a reservation of its own.
     """
     base = f"{request_id}@{run}" if run else request_id
     if len(base) + len(suffix) > 128:
@@ -620,7 +621,10 @@ class Pipeline:
         prompt_tokens = self._tokens.count_prompt(tier, inp.messages)
         price = self._prices.price_for(tier=tier.label, model=self._models[tier])
         return await self._budget.reserve(
-            request_id=budget_request_id(inp.request_id, run, suffix),
+            # interactive: this run's key; async (no run): keyed by the tier whose worker deduplicates the job
+            request_id=budget_request_id(inp.request_id, run, suffix)
+            if run
+            else budget_request_id(inp.request_id, tier.label, ""),
             attribution=inp.attribution,
             estimated_cost_micros=price.estimate_micros(prompt_tokens, max_tokens),
             estimated_tokens=prompt_tokens + max_tokens,

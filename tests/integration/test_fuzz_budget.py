@@ -48,6 +48,7 @@ from tests.support.fuzz import (
 )
 from tests.support.stack import Stack, shared_stack
 
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 ALLOWED = frozenset({INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, FAILED_PRECONDITION})
 
 

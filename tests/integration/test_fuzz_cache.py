@@ -42,6 +42,7 @@ from tests.support.fuzz import (
 )
 from tests.support.stack import Stack, shared_stack
 
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 ALLOWED = frozenset({INVALID_ARGUMENT, NOT_FOUND})
 MODEL = "costmesh-cheap"
 KEY_CHARS = "0123456789abcdef"

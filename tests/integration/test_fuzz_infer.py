@@ -41,7 +41,7 @@ from tests.support.fuzz import (
 )
 from tests.support.stack import MAX_TOKENS_LIMIT, Stack, shared_stack
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.filterwarnings("ignore:Generating overly large repr")]
 
 ALLOWED = frozenset({INVALID_ARGUMENT, RESOURCE_EXHAUSTED, NOT_FOUND})
 TERMINAL = (common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED)

@@ -410,7 +410,7 @@ async def test_async_job_holds_its_reservation_until_done_then_commits_once() ->
     p, cache, ledger, jobs = make_async()
     sub = await p.submit(req())
     assert sub.state is JobState.QUEUED and sub.job_id.startswith("full.") and cache.leases == {}
-    assert list(ledger.reserved) == ["r1"] and ledger.ttls[-1] == PipelineLimits().async_reservation_ttl_s
+    assert list(ledger.reserved) == ["r1@full"] and ledger.ttls[-1] == PipelineLimits().async_reservation_ttl_s
     status = await p.status(sub.job_id, ACME)
     assert status.state is JobState.QUEUED and ledger.reserved
     owner, meta, _ = jobs.jobs["j0"]

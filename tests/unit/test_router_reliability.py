@@ -4,13 +4,35 @@ in-memory ports of tests/unit/test_router_pipeline.py, with a budget that replay
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from services.common.attribution import Attribution
-from services.common.pricing import TokenUsage
-from services.router.classifier.types import Tier
-from services.router.pipeline import CacheMode, Reservation, budget_request_id
-from tests.unit.test_router_pipeline import FULL_COST, FixedDecider, Ledger, make, req
+from services.common.pricing import PriceTable, TokenUsage
+from services.router.classifier.types import Message, Tier
+from services.router.pipeline import (
+    CacheMode,
+    JobState,
+    Pipeline,
+    PipelineLimits,
+    Reservation,
+    Sampling,
+    budget_request_id,
+)
+from tests.unit.test_router_pipeline import (
+    ACME,
+    CHEAP_COST,
+    FULL_COST,
+    MODELS,
+    FixedDecider,
+    Jobs,
+    Ledger,
+    MemCache,
+    Tokens,
+    Workers,
+    make,
+    req,
+)
 
 
 @dataclass
@@ -108,3 +130,77 @@ def test_budget_request_ids() -> None:
     long_key = budget_request_id("x" * 128, "r1", "/cheap")
     assert len(long_key) == 64 + 6 and long_key.endswith("/cheap")
     assert long_key != budget_request_id("x" * 128, "r2", "/cheap")  # runs stay distinct when hashed
+
+
+@dataclass
+class DedupJobs(Jobs):
+    """Like a worker: SubmitJob is idempotent on request_id (per worker, that is per tier)."""
+
+    by_request: dict[tuple[Tier, str], str] = field(default_factory=dict)
+
+    async def submit_job(
+        self,
+        *,
+        tier: Tier,
+        request_id: str,
+        messages: Sequence[Message],
+        sampling: Sampling,
+        attribution: Attribution,
+        metadata: str,
+    ) -> str:
+        if (tier, request_id) not in self.by_request:
+            self.by_request[(tier, request_id)] = await super().submit_job(
+                tier=tier,
+                request_id=request_id,
+                messages=messages,
+                sampling=sampling,
+                attribution=attribution,
+                metadata=metadata,
+            )
+        return self.by_request[(tier, request_id)]
+
+    def finish_all(self) -> None:
+        for job_id, (owner, meta, _) in list(self.jobs.items()):
+            self.jobs[job_id] = (owner, meta, JobState.SUCCEEDED)
+
+
+def make_async(ledger: IdempotentLedger) -> tuple[Pipeline, DedupJobs]:
+    jobs = DedupJobs()
+    p = Pipeline(
+        decider=FixedDecider(),
+        cache=MemCache(),
+        budget=ledger,
+        infer=Workers(),
+        tokens=Tokens(),
+        prices=PriceTable(),
+        models=MODELS,
+        jobs=jobs,
+        limits=PipelineLimits(async_poll_s=0.01, async_poll_max_s=0.01),
+    )
+    return p, jobs
+
+
+async def test_an_async_resubmission_is_the_same_job_and_is_paid_once() -> None:
+    ledger = IdempotentLedger()
+    p, jobs = make_async(ledger)
+    first = await p.submit(req(rid="a1"))
+    again = await p.submit(req(rid="a1"))  # a client retry: the worker returns the same job
+    assert first.job_id == again.job_id and len(jobs.jobs) == 1
+    jobs.finish_all()
+    await p.status(first.job_id, ACME)
+    await p.drain()
+    assert ledger.committed == FULL_COST and ledger.reserved == {}
+
+
+async def test_the_same_async_id_on_the_other_tier_is_a_new_job_with_its_own_reservation() -> None:
+    """The worker of each tier deduplicates on its own: a second job there must not replay the first reservation."""
+    ledger = IdempotentLedger()
+    p, jobs = make_async(ledger)
+    full = await p.submit(req(rid="a2"))
+    cheap = await p.submit(req(rid="a2", requested_tier=Tier.CHEAP))
+    assert full.job_id.startswith("full.") and cheap.job_id.startswith("cheap.") and len(jobs.jobs) == 2
+    jobs.finish_all()
+    for sub in (full, cheap):
+        await p.status(sub.job_id, ACME)
+    await p.drain()
+    assert ledger.committed == FULL_COST + CHEAP_COST and ledger.reserved == {}
