@@ -60,7 +60,15 @@ class ScriptedEngine:
         self.requests.append(request)
         finished = False
         if not request.stream:  # final output only, as vLLM's FINAL_ONLY output kind
-            await asyncio.sleep(0)
+            try:
+                if self.gate is not None:
+                    await self.gate.wait()
+                await asyncio.sleep(0)
+                if self.dead:
+                    raise EngineDead("boom")
+            except BaseException:
+                self.aborted.append(request.request_id)
+                raise
             finished = True
             yield EngineOutput(
                 text="".join(f"w{i} " for i in range(request.max_tokens)),

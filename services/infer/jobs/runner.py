@@ -164,22 +164,25 @@ class JobRunner:
             return
         lost = asyncio.Event()
         keeper = asyncio.create_task(self._keep_lease(claim, lost))
+        run: asyncio.Task[tuple[str, GenerationSummary]] | None = None
         try:
             request = GenerationRequest.from_json(job.payload)
             run = asyncio.create_task(self._service.complete(request, slot=slot))
             lost_wait = asyncio.create_task(lost.wait())
-            done, _ = await asyncio.wait({run, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
-            lost_wait.cancel()
+            try:
+                done, _ = await asyncio.wait({run, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                lost_wait.cancel()
             if run not in done:  # another worker owns the job now: stop spending the engine on it
-                run.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await run
+                await _cancel(run)
                 self._stats.jobs_fenced_total += 1
                 log.warning("job_lease_lost", job_id=job.job_id)
                 return
             text, summary = run.result()
         except asyncio.CancelledError:
-            # Shutdown: the engine request was aborted with the task; hand the job back for another worker.
+            # Shutdown: abort the engine request, then hand the job back for another worker.
+            if run is not None:
+                await _cancel(run)
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._store.release(claim))
             raise
@@ -226,3 +229,10 @@ class JobRunner:
             t.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _cancel(task: asyncio.Task[tuple[str, GenerationSummary]]) -> None:
+    """Cancel a generation task and wait until it is gone (its engine request aborted, its slot freed)."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await asyncio.shield(task)
