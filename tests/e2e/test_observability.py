@@ -109,7 +109,11 @@ async def request_trace(receiver: SpanReceiver, request_id: str, expected: set[t
         root = root_of(receiver, request_id)
         if root is None:
             return False
-        have = {(s.service, s.name.rsplit("/", 1)[-1]) for s in receiver.trace(root.trace_id) if s.kind == SERVER}
+        spans = receiver.trace(root.trace_id)
+        ids = {s.span_id for s in spans}
+        # each process exports in its own batches: wait for the router's client spans too (Fill and RecordSavings
+        # end after the request, so they may come in a later batch than the root)
+        have = {(s.service, s.name.rsplit("/", 1)[-1]) for s in spans if s.kind == SERVER and s.parent_span_id in ids}
         return expected <= have
 
     await receiver.wait_for(complete, timeout_s=90)
@@ -261,7 +265,15 @@ async def test_an_async_job_links_back_to_the_trace_that_submitted_it(mesh: Mesh
             and s.attributes.get(sc.REQUEST_ID) == request.request_id
         ]
 
-    await receiver.wait_for(lambda: bool(submissions()), timeout_s=90)
+    def submitted_by_router() -> bool:  # SubmitJob ← router client span ← SubmitAsync, all arrived
+        for s in submissions():
+            ids = {x.span_id: x for x in receiver.trace(s.trace_id)}
+            client = ids.get(s.parent_span_id)
+            if client is not None and client.parent_span_id in ids:
+                return True
+        return False
+
+    await receiver.wait_for(submitted_by_router, timeout_s=90)
     (submit_job,) = submissions()
     submit_trace = receiver.trace(submit_job.trace_id)
     router_client = parent(submit_trace, submit_job)
