@@ -18,6 +18,7 @@ from services.cli.supervisor import Supervisor
 from services.common.health import check_target
 from services.infer.cli import app as infer_app
 from services.infer.cli import models_app
+from services.router.cli import app as router_app
 
 SERVICES = ("router", "cache", "budget", "infer")
 
@@ -26,6 +27,7 @@ app.add_typer(budget_app, name="budget")
 app.add_typer(cache_app, name="cache")
 app.add_typer(models_app, name="models")
 app.add_typer(infer_app, name="infer")
+app.add_typer(router_app, name="router")
 app.add_typer(certs_app, name="certs")
 
 
