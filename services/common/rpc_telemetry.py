@@ -30,7 +30,7 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.trace import Status, StatusCode
 
 from services.common.attribution import Attribution, from_metadata
-from services.common.spans import attribution_baggage
+from services.common.spans import attribution_from_baggage, baggage_context
 
 if TYPE_CHECKING:
     from services.common.server import ServiceHost
@@ -123,7 +123,7 @@ def _status(context: Any, exc: BaseException | None) -> grpc.StatusCode:
         return grpc.StatusCode.OK
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED
-    if isinstance(exc, asyncio.CancelledError):
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):  # GeneratorExit: a stream dropped by a cancel
         return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.UNKNOWN
 
@@ -198,6 +198,13 @@ def _incoming_baggage(context: Any) -> otel_context.Context:
     return _BAGGAGE.extract(carrier) if carrier else otel_context.get_current()
 
 
+def _call_context(request: Any, context: Any) -> otel_context.Context:
+    """The call's context: incoming baggage with the request's own attribution over it."""
+    incoming = _incoming_baggage(context)
+    merged = request_attribution(request, context).merged_with(attribution_from_baggage(incoming))
+    return baggage_context(merged, incoming)
+
+
 def request_attribution(request: Any, context: Any) -> Attribution:
     """A request's own ``attribution`` field (when it has one) over the call's ``x-costmesh-*`` metadata."""
     fallback = from_metadata(tuple(context.invocation_metadata() or ()))
@@ -223,10 +230,9 @@ class AttributionBaggageInterceptor(grpc.aio.ServerInterceptor):
 
         def unary(behavior: Any) -> Any:
             async def wrapped(request: Any, context: Any) -> Any:
-                token = otel_context.attach(_incoming_baggage(context))
+                token = otel_context.attach(_call_context(request, context))
                 try:
-                    with attribution_baggage(request_attribution(request, context)):
-                        return await behavior(request, context)
+                    return await behavior(request, context)
                 finally:
                     otel_context.detach(token)
 
@@ -234,13 +240,12 @@ class AttributionBaggageInterceptor(grpc.aio.ServerInterceptor):
 
         def stream(behavior: Any) -> Any:
             async def wrapped(request: Any, context: Any) -> AsyncIterator[Any]:
-                token = otel_context.attach(_incoming_baggage(context))
-                try:
-                    with attribution_baggage(request_attribution(request, context)):
-                        async for item in behavior(request, context):
-                            yield item
-                finally:
-                    otel_context.detach(token)
+                # Attached for the rest of the call's own task and never detached: a stream the client cancels is
+                # closed from another context, where detaching fails (and OpenTelemetry logs an error). The task ends
+                # with the call, and an outer interceptor's detach restores what was there before.
+                otel_context.attach(_call_context(request, context))
+                async for item in behavior(request, context):
+                    yield item
 
             return wrapped
 

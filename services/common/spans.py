@@ -50,14 +50,18 @@ def with_baggage(attribution: Attribution) -> Attribution:
     return attribution.merged_with(attribution_from_baggage())
 
 
+def baggage_context(attribution: Attribution, ctx: context.Context | None = None) -> context.Context:
+    """``ctx`` (default: the current context) with the non-empty fields of ``attribution`` set as baggage."""
+    out = ctx if ctx is not None else context.get_current()
+    for key, value in attribution_attributes(attribution).items():
+        out = baggage.set_baggage(key, value, out)
+    return out
+
+
 @contextmanager
 def attribution_baggage(attribution: Attribution) -> Iterator[None]:
     """Within the block, outgoing calls carry ``attribution`` (merged over any incoming baggage) as W3C baggage."""
-    merged = with_baggage(attribution)
-    ctx = context.get_current()
-    for key, value in attribution_attributes(merged).items():
-        ctx = baggage.set_baggage(key, value, ctx)
-    token = context.attach(ctx)
+    token = context.attach(baggage_context(with_baggage(attribution)))
     try:
         yield
     finally:

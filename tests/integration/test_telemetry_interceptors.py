@@ -8,6 +8,8 @@ code, and marks the span of a call that failed.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +25,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from costmesh.common.v1 import common_pb2
+from costmesh.infer.v1 import infer_pb2, infer_pb2_grpc
 from services.common.attribution import Attribution
 from services.common.errors import ResourceExhausted
 from services.common.rpc_telemetry import (
@@ -153,3 +156,39 @@ async def test_baggage_travels_without_tracing() -> None:
             assert reply.key == "||"
     finally:
         await host.stop()
+
+
+class EndlessStream(infer_pb2_grpc.InferenceServiceServicer):
+    """Streams the tenant it finds in the baggage, then chunks until the client goes away."""
+
+    async def Generate(
+        self, request: infer_pb2.GenerateRequest, context: Any
+    ) -> AsyncIterator[infer_pb2.GenerateResponse]:
+        yield infer_pb2.GenerateResponse(text=attribution_from_baggage().tenant)
+        while True:  # suspended at a yield when the client cancels: grpc drops the stream instead of closing it
+            yield infer_pb2.GenerateResponse(text="x" * 1024)
+
+
+async def test_a_cancelled_stream_keeps_its_baggage_and_logs_no_context_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    host = ServiceHost(name="infer", settings=ServiceSettings(), interceptors=[AttributionBaggageInterceptor()])
+    servicer = EndlessStream()
+    host.add_service(
+        full_service_name(infer_pb2, "InferenceService"),
+        lambda server: infer_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server),
+    )
+    port = await host.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=baggage_client_interceptors()) as ch:
+            request = infer_pb2.GenerateRequest(attribution=common_pb2.Attribution(tenant="acme"))
+            call = infer_pb2_grpc.InferenceServiceStub(ch).Generate(request, timeout=10)
+            first = await anext(call.__aiter__())
+            assert first.text == "acme"
+            call.cancel()
+            await asyncio.sleep(0.5)
+    finally:
+        await host.stop()
+    gc.collect()  # a dropped stream is closed by the event loop's finalizer, in another context
+    await asyncio.sleep(0.2)
+    assert not [r for r in caplog.records if r.name.startswith("opentelemetry") and r.levelname == "ERROR"]
