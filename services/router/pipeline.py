@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from opentelemetry import trace
@@ -30,6 +30,7 @@ from services.common import semconv as sc
 from services.common.attribution import Attribution
 from services.common.errors import (
     CostmeshError,
+    DeadlineExceeded,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -310,6 +311,8 @@ class PipelineLimits:
     async_poll_s: float = 0.5
     async_poll_max_s: float = 10.0
     inline_results: int = 10_000
+    #: How long a commit or release that met an unreachable budget is retried in the background (idempotent calls).
+    settle_retry_s: float = 120.0
 
 
 @dataclass
@@ -418,22 +421,49 @@ def validate(inp: GenerateInput, limits: PipelineLimits) -> None:
     v.raise_if_any("invalid request")
 
 
-class _Settlement:
-    """Tracks the open reservation and lease of one request so every exit path settles them exactly once."""
+#: Budget errors after which an idempotent commit or release is worth retrying: the call may not have happened.
+_TRANSIENT = (Unavailable, DeadlineExceeded)
+Retry = Callable[[str, Callable[[], Awaitable[object]], str], None]
 
-    def __init__(self, budget: BudgetPort, cache: CachePort | None, attribution: Attribution) -> None:
+
+class _Settlement:
+    """Tracks the open reservation and lease of one request so every exit path settles them exactly once.
+
+    ``track`` registers the shielded settlement with the pipeline, so a graceful shutdown waits for it before the
+    channels close; ``retry`` hands a release that met an unreachable budget to a background retry.
+    """
+
+    def __init__(
+        self,
+        budget: BudgetPort,
+        cache: CachePort | None,
+        attribution: Attribution,
+        *,
+        track: Callable[[asyncio.Future[Any]], None] | None = None,
+        retry: Retry | None = None,
+    ) -> None:
         self._budget = budget
         self._cache = cache
         self._attribution = attribution
+        self._track = track
+        self._retry = retry
         self.reservation: Reservation | None = None
         self.lease: tuple[str, str] | None = None
 
     async def release(self) -> None:
         res, self.reservation = self.reservation, None
         if res is not None:
+            tenant = self._attribution.tenant
             try:
-                await self._budget.release(reservation_id=res.reservation_id, tenant=self._attribution.tenant)
-            except CostmeshError as err:  # the TTL returns it if the store is down now
+                await self._budget.release(reservation_id=res.reservation_id, tenant=tenant)
+            except _TRANSIENT as err:
+                if self._retry is None:  # the TTL returns it
+                    log.warning("release_failed", reservation_id=res.reservation_id, error=err.message)
+                    return
+                log.warning("release_deferred", reservation_id=res.reservation_id, error=err.message)
+                rid = res.reservation_id
+                self._retry("release", lambda: self._budget.release(reservation_id=rid, tenant=tenant), rid)
+            except CostmeshError as err:  # the TTL returns it
                 log.warning("release_failed", reservation_id=res.reservation_id, error=err.message)
 
     async def abandon(self) -> None:
@@ -445,7 +475,10 @@ class _Settlement:
                 log.warning("abandon_failed", key=lease[0], error=err.message)
 
     async def settle_failure(self) -> None:
-        await asyncio.shield(asyncio.gather(self.release(), self.abandon()))
+        settling: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(self.release(), self.abandon()))
+        if self._track is not None:
+            self._track(settling)
+        await asyncio.shield(settling)
 
 
 class Pipeline:
@@ -475,7 +508,7 @@ class Pipeline:
         self._models = models
         self.limits = limits or PipelineLimits()
         self._caps = _CapMemory(self.limits.cap_memory_s)
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
         self._spawn = spawn
         self._jobs = jobs
         self._inline: dict[str, tuple[str, GenerateResult]] = {}
@@ -506,6 +539,34 @@ class Pipeline:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def _track(self, fut: asyncio.Future[Any]) -> None:
+        """Keep ``fut`` (a shielded settlement) in the set :meth:`drain` waits for."""
+        self._background.add(fut)
+        fut.add_done_callback(self._background.discard)
+
+    def _retry_later(self, what: str, call: Callable[[], Awaitable[object]], reservation_id: str) -> None:
+        self._background_task(self._settle_later(what, call, reservation_id))
+
+    async def _settle_later(self, what: str, call: Callable[[], Awaitable[object]], reservation_id: str) -> None:
+        """Retry an idempotent commit or release until the budget answers (bounded by ``settle_retry_s``)."""
+        deadline = time.monotonic() + self.limits.settle_retry_s
+        delay = 0.25
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await call()
+            except _TRANSIENT as err:
+                if time.monotonic() + delay > deadline:
+                    log.error("settle_gave_up", what=what, reservation_id=reservation_id, error=err.message)
+                    return
+                delay = min(delay * 2, 5.0)
+                continue
+            log.info("settled_late", what=what, reservation_id=reservation_id)
+            return
+
+    def _settlement(self, attribution: Attribution, cache: CachePort | None) -> _Settlement:
+        return _Settlement(self._budget, cache, attribution, track=self._track, retry=self._retry_later)
+
     async def drain(self) -> None:
         """Wait for background fills and savings records (graceful shutdown)."""
         while self._background:
@@ -533,7 +594,7 @@ class Pipeline:
         _annotate_request(span, inp, self._max_tokens(inp))
         decision = self.decide(inp)
         span.set_attributes({sc.ROUTE_SCORE: decision.score, sc.ROUTE_UNCERTAIN: decision.uncertain})
-        settle = _Settlement(self._budget, self._cache, inp.attribution)
+        settle = self._settlement(inp.attribution, self._cache)
         lookup = await self._lookup(inp, decision.tier)
         if lookup.outcome is LookupOutcome.HIT and lookup.answer is not None:
             result = self._hit(inp, decision, lookup)
@@ -718,17 +779,29 @@ class Pipeline:
         baseline = self.baseline(usage)
         res, settle.reservation = settle.reservation, None
         if res is not None:
-            remaining = await asyncio.shield(
-                self._budget.commit(
-                    reservation_id=res.reservation_id,
-                    tenant=inp.attribution.tenant,
+            rid, tenant, model = res.reservation_id, inp.attribution.tenant, last.model or self._models[tier]
+
+            def commit() -> Awaitable[int | None]:
+                return self._budget.commit(
+                    reservation_id=rid,
+                    tenant=tenant,
                     cost_micros=cost,
                     usage=usage,
-                    model=last.model or self._models[tier],
+                    model=model,
                     tier=tier,
                     saved_micros=max(0, baseline - cost),
                 )
-            )
+
+            committing: asyncio.Future[int | None] = asyncio.ensure_future(commit())
+            self._track(committing)  # a shutdown waits for it
+            try:
+                remaining = await asyncio.shield(committing)
+            except _TRANSIENT as err:
+                # The inference ran, so the money was spent: the caller gets its answer and the (idempotent) commit
+                # is retried until the budget is back, instead of leaving the spend unbilled and the estimate held.
+                log.warning("commit_deferred", reservation_id=rid, error=err.message)
+                self._retry_later("commit", commit, rid)
+                remaining = None
         answer = CachedAnswer(
             text="".join(text),
             usage=usage,
@@ -801,7 +874,7 @@ class Pipeline:
                 self._inline.pop(next(iter(self._inline)))
             self._inline[job_id] = (inp.attribution.tenant, result)
             return AsyncSubmission(job_id, JobState.SUCCEEDED, decision, result)
-        settle = _Settlement(self._budget, None, inp.attribution)
+        settle = self._settlement(inp.attribution, None)
         try:
             tier, policy = await self._reserve_with_downgrade(
                 inp, decision, settle, self.limits.async_reservation_ttl_s
@@ -836,9 +909,13 @@ class Pipeline:
     async def _settle_when_done(self, job_id: str, attribution: Attribution, decision: Decision) -> None:
         delay = self.limits.async_poll_s
         while True:
-            status = await self.status(job_id, attribution, decision)
-            if status.state.terminal:
-                return
+            try:
+                status = await self.status(job_id, attribution, decision)
+            except _TRANSIENT as err:  # the worker or the budget is down: keep settling once it is back
+                log.warning("async_settle_retrying", job_id=job_id, error=err.message)
+            else:
+                if status.state.terminal:
+                    return
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, self.limits.async_poll_max_s)
 

@@ -4,10 +4,14 @@ in-memory ports of tests/unit/test_router_pipeline.py, with a budget that replay
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import pytest
+
 from services.common.attribution import Attribution
+from services.common.errors import Unavailable
 from services.common.pricing import PriceTable, TokenUsage
 from services.router.classifier.types import Message, Tier
 from services.router.pipeline import (
@@ -204,3 +208,114 @@ async def test_the_same_async_id_on_the_other_tier_is_a_new_job_with_its_own_res
         await p.status(sub.job_id, ACME)
     await p.drain()
     assert ledger.committed == FULL_COST + CHEAP_COST and ledger.reserved == {}
+
+
+@dataclass
+class FlakyLedger(IdempotentLedger):
+    """The budget's store goes away for a while: the first ``commit_failures`` commits and ``release_failures``
+    releases fail with UNAVAILABLE (and change nothing), later ones work."""
+
+    commit_failures: int = 0
+    release_failures: int = 0
+    release_gate: asyncio.Event | None = None
+
+    async def commit(
+        self,
+        *,
+        reservation_id: str,
+        tenant: str,
+        cost_micros: int,
+        usage: TokenUsage,
+        model: str,
+        tier: Tier,
+        saved_micros: int,
+    ) -> int | None:
+        if self.commit_failures:
+            self.commit_failures -= 1
+            raise Unavailable("budget store unavailable", reason="STORE_UNAVAILABLE")
+        return await super().commit(
+            reservation_id=reservation_id,
+            tenant=tenant,
+            cost_micros=cost_micros,
+            usage=usage,
+            model=model,
+            tier=tier,
+            saved_micros=saved_micros,
+        )
+
+    async def release(self, *, reservation_id: str, tenant: str) -> None:
+        if self.release_gate is not None:
+            await self.release_gate.wait()
+        if self.release_failures:
+            self.release_failures -= 1
+            raise Unavailable("budget store unavailable", reason="STORE_UNAVAILABLE")
+        await super().release(reservation_id=reservation_id, tenant=tenant)
+
+
+async def test_a_commit_that_meets_a_budget_outage_is_settled_when_it_returns() -> None:
+    """Fault injection (Redis killed under load): the inference ran, the commit failed, the caller got UNAVAILABLE,
+    and the reservation stayed held until its TTL with the spend never billed."""
+    ledger = FlakyLedger(commit_failures=2)
+    p, *_ = make(ledger=ledger)
+    result = await p.generate(req(cache_mode=CacheMode.BYPASS))
+    assert result.cost_micros == FULL_COST and result.budget_remaining_micros is None  # answered
+    assert ledger.committed == 0 and ledger.reserved  # not settled yet
+    await asyncio.wait_for(p.drain(), 10)
+    assert ledger.committed == FULL_COST and ledger.reserved == {}  # billed once, nothing held
+
+
+async def test_a_release_that_meets_a_budget_outage_is_retried() -> None:
+    ledger = FlakyLedger(release_failures=1)
+    p, _, _, workers = make(ledger=ledger, workers=Workers(fail_after_first=True))
+    with pytest.raises(Unavailable):
+        await p.generate(req(cache_mode=CacheMode.BYPASS))
+    await asyncio.wait_for(p.drain(), 10)
+    assert ledger.reserved == {} and ledger.committed == 0
+
+
+async def test_a_settlement_that_never_succeeds_gives_up_after_the_retry_window() -> None:
+    ledger = FlakyLedger(commit_failures=10**6)
+    p = Pipeline(
+        decider=FixedDecider(),
+        cache=None,
+        budget=ledger,
+        infer=Workers(),
+        tokens=Tokens(),
+        prices=PriceTable(),
+        models=MODELS,
+        limits=PipelineLimits(settle_retry_s=0.6),
+    )
+    await p.generate(req())
+    await asyncio.wait_for(p.drain(), 10)  # bounded: shutdown is not held forever
+    assert ledger.committed == 0 and len(ledger.reserved) == 1  # left to the reservation's TTL (and logged)
+
+
+async def test_a_shutdown_waits_for_the_releases_of_cancelled_requests() -> None:
+    """Router restart: the grace period ends, in-flight calls are cancelled and release their reservations while
+    the server stops; the channels closed under those releases, leaving the money reserved until the TTL."""
+    gate = asyncio.Event()
+    ledger = FlakyLedger(release_gate=gate)
+    p, _, _, workers = make(ledger=ledger, workers=Workers(hang=True))
+    call = asyncio.ensure_future(p.generate(req(cache_mode=CacheMode.BYPASS)))
+    await asyncio.wait_for(workers.started.wait(), 5)
+    call.cancel()  # the grace period is over
+    await asyncio.sleep(0.05)  # the handler is releasing its reservation (slowly: the gate is shut)
+    call.cancel()  # and the server stops waiting for it
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    drain = asyncio.ensure_future(p.drain())
+    await asyncio.sleep(0.1)
+    assert not drain.done() and ledger.reserved  # the release is still in flight: drain waits for it
+    gate.set()
+    await asyncio.wait_for(drain, 5)
+    assert ledger.reserved == {}
+
+
+async def test_the_async_settler_outlives_a_budget_outage() -> None:
+    ledger = FlakyLedger(commit_failures=3)
+    p, jobs = make_async(ledger)
+    sub = await p.submit(req(rid="a3"))
+    jobs.finish_all()
+    await asyncio.wait_for(p.drain(), 20)  # the background settler retries until the commit lands
+    assert ledger.committed == FULL_COST and ledger.reserved == {}
+    assert sub.job_id.startswith("full.")
