@@ -53,3 +53,7 @@ def configure_logging(*, service: str, level: str = "info", fmt: str = "json") -
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.INFO))
+    # vLLM installs its own handler on "vllm" (propagate off) when imported; route it through ours instead.
+    vllm = logging.getLogger("vllm")
+    vllm.handlers[:] = []
+    vllm.propagate = True
