@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.costmesh-installed
 
-.PHONY: run up test check lint typecheck protos check-protos buf-lint buf-breaking redis-server lock models clean
+.PHONY: run up test check lint typecheck protos check-protos buf-lint buf-breaking system-deps lock models clean
 
 ## Main job: build the local models if missing, start the mesh, replay the demo workload, print the cost report.
 run: $(STAMP)
@@ -17,7 +17,7 @@ up: $(STAMP)
 	$(BIN)/costmesh up
 
 ## Everything CI checks: generated stubs, buf lint/breaking, ruff, mypy, then the whole pytest suite.
-test: $(STAMP) node_modules/.costmesh-installed redis-server check
+test: $(STAMP) node_modules/.costmesh-installed system-deps check
 	$(BIN)/pytest
 
 check: check-protos buf-lint buf-breaking lint typecheck
@@ -35,10 +35,12 @@ node_modules/.costmesh-installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-redis-server:
-	@command -v redis-server >/dev/null || { \
-		echo "installing redis-server (apt)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+## Debian packages the tests use: a real redis-server, and promtool (alert-rule checks).
+system-deps:
+	@missing=""; command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then echo "installing$$missing (apt)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
 	@redis-server --version
 
 protos: $(STAMP)
