@@ -179,6 +179,22 @@ def test_model_build_is_deterministic_and_idempotent(tmp_path: Path, models_dir:
         build_models(tmp_path / "c", ("medium",))
 
 
+def test_auto_dtype_is_float32_unless_the_cpu_has_native_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from services.infer.engine import resolve_dtype
+
+    assert resolve_dtype("bfloat16") == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert resolve_dtype("auto") == "float32"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert resolve_dtype("auto") == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_dtype("auto") == "auto"  # GPUs: the model's own dtype
+
+
 # --- Generate ---
 
 

@@ -86,7 +86,7 @@ def test_engine_settings_pass_through_to_vllm() -> None:
     assert kw["max_num_batched_tokens"] == 4096
     assert "block_size" not in kw  # vLLM's default
     assert engine_environment(s) == {"VLLM_CPU_KVCACHE_SPACE": "4"}
-    assert engine_args_kwargs(make())["block_size"] == 32
+    assert engine_args_kwargs(make(dtype="float32"))["block_size"] == 32
 
 
 def test_requests_and_results_round_trip_through_the_job_store_format() -> None:
