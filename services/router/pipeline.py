@@ -18,6 +18,7 @@ import hashlib
 import json
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -313,6 +314,8 @@ class PipelineLimits:
     inline_results: int = 10_000
     #: How long a commit or release that met an unreachable budget is retried in the background (idempotent calls).
     settle_retry_s: float = 120.0
+    #: How long drain() waits for requests still holding a reservation or lease to settle (shutdown).
+    drain_wait_s: float = 10.0
 
 
 @dataclass
@@ -450,6 +453,11 @@ class _Settlement:
         self.reservation: Reservation | None = None
         self.lease: tuple[str, str] | None = None
 
+    @property
+    def open(self) -> bool:
+        """Still holding money or a lease (its settlement, once started, is tracked instead)."""
+        return self.reservation is not None or self.lease is not None
+
     async def release(self) -> None:
         res, self.reservation = self.reservation, None
         if res is not None:
@@ -509,6 +517,7 @@ class Pipeline:
         self.limits = limits or PipelineLimits()
         self._caps = _CapMemory(self.limits.cap_memory_s)
         self._background: set[asyncio.Future[Any]] = set()
+        self._settlements: weakref.WeakSet[_Settlement] = weakref.WeakSet()
         self._spawn = spawn
         self._jobs = jobs
         self._inline: dict[str, tuple[str, GenerateResult]] = {}
@@ -565,10 +574,21 @@ class Pipeline:
             return
 
     def _settlement(self, attribution: Attribution, cache: CachePort | None) -> _Settlement:
-        return _Settlement(self._budget, cache, attribution, track=self._track, retry=self._retry_later)
+        settle = _Settlement(self._budget, cache, attribution, track=self._track, retry=self._retry_later)
+        self._settlements.add(settle)
+        return settle
 
     async def drain(self) -> None:
-        """Wait for background fills and savings records (graceful shutdown)."""
+        """Wait for in-flight settlements, background fills and savings records (graceful shutdown).
+
+        At shutdown the server cancels the calls still running once its grace period is over, but may stop before
+        their handlers ran far enough to release what they hold; so first wait (``drain_wait_s`` at most) until no
+        request holds a reservation or lease unsettled, then for every settlement and background task.
+        """
+        deadline = time.monotonic() + self.limits.drain_wait_s
+        # A poll, at shutdown only: settlements change state by plain assignment, without signalling.
+        while any(s.open for s in self._settlements) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
@@ -901,6 +921,7 @@ class Pipeline:
         except BaseException:
             await settle.settle_failure()
             raise
+        settle.reservation = None  # handed over to the job: settled when it ends (status / _settle_when_done)
         job_id = f"{tier.label}.{job}"
         final = decision if tier is decision.tier else replace(decision, tier=tier, policy=policy)
         self._background_task(self._settle_when_done(job_id, inp.attribution, final))

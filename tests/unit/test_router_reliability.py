@@ -311,6 +311,22 @@ async def test_a_shutdown_waits_for_the_releases_of_cancelled_requests() -> None
     assert ledger.reserved == {}
 
 
+async def test_a_shutdown_waits_for_cancelled_requests_that_have_not_started_settling() -> None:
+    """The server may stop (and drain start) before a cancelled handler even reached its release."""
+    ledger = FlakyLedger()
+    p, _, _, workers = make(ledger=ledger, workers=Workers(hang=True))
+    call = asyncio.ensure_future(p.generate(req(cache_mode=CacheMode.BYPASS)))
+    await asyncio.wait_for(workers.started.wait(), 5)
+    drain = asyncio.ensure_future(p.drain())
+    await asyncio.sleep(0.1)
+    assert not drain.done()  # a request still holds a reservation
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await asyncio.wait_for(drain, 5)
+    assert ledger.reserved == {}
+
+
 async def test_the_async_settler_outlives_a_budget_outage() -> None:
     ledger = FlakyLedger(commit_failures=3)
     p, jobs = make_async(ledger)
