@@ -24,6 +24,8 @@ class RedisServer:
     port: int = field(default_factory=free_port)
     dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="costmesh-redis-")))
     proc: subprocess.Popen[bytes] | None = None
+    #: Append-only file fsynced on every write, so a killed server restarts with every acknowledged write.
+    persistent: bool = False
 
     @property
     def url(self) -> str:
@@ -45,7 +47,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.persistent else "no",
+                "--appendfsync",
+                "always",
                 "--protected-mode",
                 "no",
             ],
@@ -62,6 +66,13 @@ class RedisServer:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def kill(self) -> None:
+        """SIGKILL: an outage without a clean shutdown (``start()`` brings it back on the same port and data)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
 
     def stop(self) -> None:
         if self.proc is not None:
