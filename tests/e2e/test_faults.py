@@ -87,6 +87,7 @@ async def test_the_cache_down_requests_are_still_served(mesh: Mesh) -> None:
         usage, reserved = await settled(budget, t)
         assert reserved == 0 and usage.cost_micros == sum(r.cost_micros for r in results)
         assert usage.requests == len(results)
+        print(f"\ncache down: {len(results)} served uncached, {usage.cost_micros} micro-USD charged = sum of responses")
     finally:
         mesh.start("cache")
         await mesh.wait_serving("cache", timeout_s=120)
@@ -202,6 +203,7 @@ async def test_a_router_restart_ends_in_flight_calls_cleanly(mesh: Mesh) -> None
     usage, reserved = await settled(budget, t, timeout_s=10)
     assert reserved == 0, "the stopped router left money reserved"
     assert usage.cost_micros == sum(r.cost_micros for r in results)
+    print(f"\nrouter restart: {len(results)} streams finished within the grace period, {codes} ended; 0 reserved after")
     mesh.start("router")
     await mesh.wait_serving("router", timeout_s=120)
     async with RouterClient(mesh.layout.target("router"), tenant=t, feature="faults") as c:
@@ -222,3 +224,4 @@ async def test_a_worker_killed_mid_stream_releases_the_reservations(mesh: Mesh) 
     usage, reserved = await settled(budget, t, timeout_s=10)
     assert reserved == 0, "a killed stream left its reservation"
     assert usage.cost_micros == sum(r.cost_micros for r in results)
+    print(f"\nworker killed: {codes} mid-stream, {len(results)} finished; 0 reserved after, 0 charged for the killed")

@@ -185,6 +185,17 @@ async def test_a_tenant_key_acts_only_for_its_own_tenant(stack: Stack) -> None:
             )
         )
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        # Spending another tenant's budget: refused before anything is reserved or run.
+        before = await usage(stack, "globex")
+        err = await fails(
+            router.Generate(
+                router_pb2.GenerateRequest(attribution=common_pb2.Attribution(tenant="globex"), messages=user("hi")),
+                metadata=stack.md("acme"),
+                timeout=10,
+            )
+        )
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert await usage(stack, "globex") == before and await reserved(stack, "globex") == 0
     async with stack.aio_channel("budget") as ch:
         budget = budget_pb2_grpc.BudgetServiceStub(ch)
         own = await budget.GetUsage(budget_pb2.GetUsageRequest(tenant="acme"), metadata=stack.md("acme"), timeout=5)
