@@ -145,6 +145,7 @@ class Tally:
     cost_micros: int = 0  # sum of the cost every answered request reported (tenant "soak")
     charged_requests: int = 0  # answered requests that were not cache hits
     cancelled: int = 0
+    poll_retries: int = 0  # GetAsyncResult polls that met a transient error and were retried
     latencies_ms: list[float] = field(default_factory=list)
 
     def add(self, kind: str, result: router_pb2.GenerateResult, started: float) -> None:
@@ -235,10 +236,19 @@ class Load:
             return
         request = router_pb2.GetAsyncResultRequest(job_id=sub.job_id, attribution=self._attribution())
         delay = 0.2
+        give_up = time.monotonic() + 300
         while True:
-            reply = await self.stub.GetAsyncResult(request, timeout=30)
-            if reply.state in TERMINAL:
-                break
+            try:
+                reply = await self.stub.GetAsyncResult(request, timeout=30)
+            except grpc.aio.AioRpcError as err:  # polling is idempotent: a transient failure is retried
+                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                if time.monotonic() > give_up:
+                    raise
+                self.tally.poll_retries += 1
+            else:
+                if reply.state in TERMINAL:
+                    break
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 2.0)
         if reply.state != common_pb2.JOB_STATE_SUCCEEDED:
@@ -294,6 +304,7 @@ class SoakReport:
     requests_served: int
     errors: dict[str, int]
     cancelled_streams: int
+    poll_retries: int
     cache_hits: int
     escalated: int
     rps: float
@@ -379,6 +390,7 @@ async def soak(
         requests_served=served,
         errors=dict(tally.errors),
         cancelled_streams=tally.cancelled,
+        poll_retries=tally.poll_retries,
         cache_hits=tally.cache_hits,
         escalated=tally.escalated,
         rps=served / elapsed if elapsed else 0.0,
@@ -402,6 +414,7 @@ def print_report(r: SoakReport) -> None:
     print(f"{'requests served':<34}{r.requests_served:>12}  ({kinds})")
     print(f"{'cancelled streams':<34}{r.cancelled_streams:>12}")
     print(f"{'errors':<34}{sum(r.errors.values()):>12}  {r.errors or ''}")
+    print(f"{'async polls retried':<34}{r.poll_retries:>12}")
     print(f"{'cache hits / escalations':<34}{r.cache_hits:>12} / {r.escalated}")
     print(f"{'throughput':<34}{r.rps:>12.2f} req/s   p50 {r.p50_ms:.0f} ms   p99 {r.p99_ms:.0f} ms")
     print(f"{'sum of response costs (micro-USD)':<34}{r.responses_cost_micros:>12}")

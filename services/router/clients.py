@@ -115,6 +115,10 @@ class GrpcCache:
             raise error_from_rpc(err, peer="cache") from err
 
 
+#: Attempts of one Reserve that timed out (the call is idempotent, so a retry cannot reserve twice).
+RESERVE_ATTEMPTS = 3
+
+
 class GrpcBudget:
     def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float, ttl_s: int) -> None:
         self._stub = budget_pb2_grpc.BudgetServiceStub(channel)
@@ -141,10 +145,17 @@ class GrpcBudget:
             model=model,
             tier=tier_to_proto(tier),
         )
-        try:
-            reply = await self._stub.Reserve(request, timeout=deadline.timeout(self._timeout_s))
-        except grpc.aio.AioRpcError as err:
-            raise error_from_rpc(err, peer="budget") from err
+        for attempt in range(1, RESERVE_ATTEMPTS + 1):
+            timeout = deadline.timeout(self._timeout_s)
+            try:
+                reply = await self._stub.Reserve(request, timeout=timeout)
+                break
+            except grpc.aio.AioRpcError as err:
+                # Reserve is idempotent on request_id: after a timeout (a starved budget may still have reserved), a
+                # retry returns that reservation instead of leaving it held until its TTL — while the caller has time.
+                retry = err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout >= self._timeout_s
+                if not retry or attempt == RESERVE_ATTEMPTS:
+                    raise error_from_rpc(err, peer="budget") from err
         return Reservation(
             reservation_id=reply.reservation_id,
             soft_limit_exceeded=reply.soft_limit_exceeded,

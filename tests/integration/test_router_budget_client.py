@@ -1,0 +1,82 @@
+"""The router's budget client against a starved budget, on a real loopback server.
+
+Found by the soak: under CPU starvation a Reserve sometimes answered after the router's 2 s deadline. The budget had
+reserved, the router did not know the reservation's id, and the money stayed held until its TTL while the caller got
+DEADLINE_EXCEEDED. Reserve is idempotent on request_id, so the client retries a timed-out Reserve and gets the
+reservation the slow attempt made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from costmesh.budget.v1 import budget_pb2, budget_pb2_grpc
+from services.common.attribution import Attribution
+from services.common.errors import DeadlineExceeded
+from services.router.classifier.types import Tier
+from services.router.clients import GrpcBudget
+
+
+class SlowBudget(budget_pb2_grpc.BudgetServiceServicer):
+    """Reserves at once (idempotently), but answers the first ``slow`` calls only after ``delay_s``."""
+
+    def __init__(self, *, slow: int, delay_s: float) -> None:
+        self.slow = slow
+        self.delay_s = delay_s
+        self.calls = 0
+        self.reservations: dict[str, str] = {}
+
+    async def Reserve(self, request: budget_pb2.ReserveRequest, context: Any) -> budget_pb2.ReserveResponse:
+        self.calls += 1
+        replayed = request.request_id in self.reservations
+        rid = self.reservations.setdefault(request.request_id, f"res_{len(self.reservations)}")
+        if self.calls <= self.slow:
+            await asyncio.sleep(self.delay_s)  # the caller's deadline passes; the reservation exists
+        return budget_pb2.ReserveResponse(reservation_id=rid, replayed=replayed)
+
+
+@pytest.fixture
+async def slow_budget() -> AsyncIterator[tuple[SlowBudget, grpc.aio.Channel]]:
+    servicer = SlowBudget(slow=2, delay_s=1.0)
+    server = grpc.aio.server()
+    budget_pb2_grpc.add_BudgetServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield servicer, channel
+    await channel.close()
+    await server.stop(None)
+
+
+async def reserve(budget: GrpcBudget) -> str:
+    res = await budget.reserve(
+        request_id="req-1",
+        attribution=Attribution(tenant="acme"),
+        estimated_cost_micros=100,
+        estimated_tokens=10,
+        model="m",
+        tier=Tier.CHEAP,
+    )
+    return res.reservation_id
+
+
+async def test_a_timed_out_reserve_is_retried_and_returns_the_reservation_it_made(
+    slow_budget: tuple[SlowBudget, grpc.aio.Channel],
+) -> None:
+    servicer, channel = slow_budget
+    rid = await reserve(GrpcBudget(channel, timeout_s=0.3, ttl_s=300))
+    assert rid == "res_0" and servicer.calls == 3  # two timed out, the third got the same reservation
+    assert servicer.reservations == {"req-1": "res_0"}  # one reservation, nothing orphaned
+
+
+async def test_retries_are_bounded(slow_budget: tuple[SlowBudget, grpc.aio.Channel]) -> None:
+    servicer, channel = slow_budget
+    servicer.slow = 10
+    with pytest.raises(DeadlineExceeded):
+        await reserve(GrpcBudget(channel, timeout_s=0.2, ttl_s=300))
+    assert servicer.calls == 3
