@@ -146,6 +146,7 @@ class Tally:
     charged_requests: int = 0  # answered requests that were not cache hits
     cancelled: int = 0
     poll_retries: int = 0  # GetAsyncResult polls that met a transient error and were retried
+    tiers: Counter[str] = field(default_factory=Counter)  # answered requests by the tier that served them
     latencies_ms: list[float] = field(default_factory=list)
 
     def add(self, kind: str, result: router_pb2.GenerateResult, started: float) -> None:
@@ -154,6 +155,7 @@ class Tally:
         self.cache_hits += result.cache_hit
         self.escalated += result.escalated
         self.charged_requests += not result.cache_hit
+        self.tiers[common_pb2.Tier.Name(result.tier).removeprefix("TIER_").lower()] += 1
         self.latencies_ms.append((time.perf_counter() - started) * 1000)
 
 
@@ -305,6 +307,7 @@ class SoakReport:
     errors: dict[str, int]
     cancelled_streams: int
     poll_retries: int
+    tiers: dict[str, int]
     cache_hits: int
     escalated: int
     rps: float
@@ -391,6 +394,7 @@ async def soak(
         errors=dict(tally.errors),
         cancelled_streams=tally.cancelled,
         poll_retries=tally.poll_retries,
+        tiers=dict(tally.tiers),
         cache_hits=tally.cache_hits,
         escalated=tally.escalated,
         rps=served / elapsed if elapsed else 0.0,
@@ -415,6 +419,7 @@ def print_report(r: SoakReport) -> None:
     print(f"{'cancelled streams':<34}{r.cancelled_streams:>12}")
     print(f"{'errors':<34}{sum(r.errors.values()):>12}  {r.errors or ''}")
     print(f"{'async polls retried':<34}{r.poll_retries:>12}")
+    print(f"{'served by tier':<34}{'':>12}  {', '.join(f'{k} {v}' for k, v in sorted(r.tiers.items()))}")
     print(f"{'cache hits / escalations':<34}{r.cache_hits:>12} / {r.escalated}")
     print(f"{'throughput':<34}{r.rps:>12.2f} req/s   p50 {r.p50_ms:.0f} ms   p99 {r.p99_ms:.0f} ms")
     print(f"{'sum of response costs (micro-USD)':<34}{r.responses_cost_micros:>12}")

@@ -15,6 +15,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from costmesh.budget.v1 import budget_pb2, budget_pb2_grpc
 from services.budget.config import BudgetSettings
@@ -38,8 +39,10 @@ async def build_store(settings: BudgetSettings) -> SqliteBudgetStore | RedisBudg
     }
     if settings.store == "redis":
         client: Redis | RedisCluster
-        # One immediate retry (a pooled connection may be stale after a Redis restart), then fail.
-        retry = Retry(NoBackoff(), 1)
+        # One immediate retry on a broken connection (a pooled one may be stale after a Redis restart), then fail.
+        # Not on a timeout: a hung Redis must cost one timeout, so the budget answers UNAVAILABLE well inside the
+        # router's deadline on it instead of running past it.
+        retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
         timeout = settings.redis_timeout_s
         if settings.redis_cluster:
             client = RedisCluster.from_url(

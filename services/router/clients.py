@@ -153,8 +153,16 @@ class GrpcBudget:
             except grpc.aio.AioRpcError as err:
                 # Reserve is idempotent on request_id: after a timeout (a starved budget may still have reserved), a
                 # retry returns that reservation instead of leaving it held until its TTL — while the caller has time.
-                retry = err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout >= self._timeout_s
-                if not retry or attempt == RESERVE_ATTEMPTS:
+                ours = err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout >= self._timeout_s
+                if ours and attempt == RESERVE_ATTEMPTS:
+                    # Our own deadline on the budget, not the caller's: the budget is unavailable (fail closed,
+                    # retryable), and DEADLINE_EXCEEDED stays reserved for a caller whose own time ran out.
+                    raise Unavailable(
+                        f"budget: no answer in {RESERVE_ATTEMPTS} attempts of {self._timeout_s:g} s",
+                        reason="BUDGET_TIMEOUT",
+                        retry_after_s=1.0,
+                    ) from err
+                if not ours:
                     raise error_from_rpc(err, peer="budget") from err
         return Reservation(
             reservation_id=reply.reservation_id,

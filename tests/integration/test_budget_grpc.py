@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -282,6 +284,41 @@ async def test_redis_down_fails_closed_and_open_when_configured(tmp_path: Path) 
                     budget_pb2.ReserveRequest(request_id="back", attribution=attribution(), estimated_cost_micros=1)
                 )
                 assert again.reservation_id.startswith("res_")
+    finally:
+        server.stop()
+
+
+@pytest.mark.redis
+async def test_a_hung_redis_fails_closed_within_one_store_timeout(tmp_path: Path) -> None:
+    """A Redis that stops answering (SIGSTOP: its sockets stay open) costs one ``redis_timeout_s``, not one per retry:
+    the budget must answer UNAVAILABLE well inside the router's deadline on it (2 s), or the router would see its own
+    deadline pass and the caller a DEADLINE_EXCEEDED instead of a retryable UNAVAILABLE."""
+    server = RedisServer()
+    server.start()
+    assert server.proc is not None
+    try:
+        async with running(settings("redis", tmp_path, server.url)) as t, client(t) as stub:
+            await set_limit(stub, TENANT, budget_pb2.WINDOW_DAY, 1_000)
+            server.proc.send_signal(signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(grpc.aio.AioRpcError) as exc:
+                    await stub.Reserve(
+                        budget_pb2.ReserveRequest(
+                            request_id="hung", attribution=attribution(), estimated_cost_micros=1
+                        ),
+                        timeout=10,
+                    )
+                took = time.monotonic() - started
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert details(exc.value)["ErrorInfo"].reason == "STORE_UNAVAILABLE"
+            assert took < 2 * 0.5, f"{took:.2f} s: the timeout was retried"  # redis_timeout_s = 0.5
+            back = await stub.Reserve(
+                budget_pb2.ReserveRequest(request_id="back", attribution=attribution(), estimated_cost_micros=1)
+            )
+            assert back.reservation_id.startswith("res_")
     finally:
         server.stop()
 

@@ -16,8 +16,9 @@ import grpc
 import pytest
 
 from costmesh.budget.v1 import budget_pb2, budget_pb2_grpc
+from services.common import deadline
 from services.common.attribution import Attribution
-from services.common.errors import DeadlineExceeded
+from services.common.errors import DeadlineExceeded, Unavailable
 from services.router.classifier.types import Tier
 from services.router.clients import GrpcBudget
 
@@ -74,9 +75,27 @@ async def test_a_timed_out_reserve_is_retried_and_returns_the_reservation_it_mad
     assert servicer.reservations == {"req-1": "res_0"}  # one reservation, nothing orphaned
 
 
-async def test_retries_are_bounded(slow_budget: tuple[SlowBudget, grpc.aio.Channel]) -> None:
+async def test_retries_are_bounded_and_end_unavailable(slow_budget: tuple[SlowBudget, grpc.aio.Channel]) -> None:
+    """The router's own deadline on the budget ran out, not the caller's: the budget is unavailable (retryable,
+    fail closed) — DEADLINE_EXCEEDED would tell the caller that its own time ran out."""
     servicer, channel = slow_budget
     servicer.slow = 10
-    with pytest.raises(DeadlineExceeded):
+    with pytest.raises(Unavailable) as err:
         await reserve(GrpcBudget(channel, timeout_s=0.2, ttl_s=300))
     assert servicer.calls == 3
+    assert err.value.reason == "BUDGET_TIMEOUT" and err.value.retry_after_s
+
+
+async def test_the_callers_own_deadline_stays_deadline_exceeded(
+    slow_budget: tuple[SlowBudget, grpc.aio.Channel],
+) -> None:
+    servicer, channel = slow_budget
+    servicer.slow = 10
+
+    async def call() -> str:  # a task of its own: the deadline is recorded in its copy of the context only
+        deadline.set_remaining(0.3)  # the caller has less time than the budget's 2 s
+        return await reserve(GrpcBudget(channel, timeout_s=2.0, ttl_s=300))
+
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.create_task(call())
+    assert servicer.calls == 1  # no retry: the caller's time is spent
