@@ -60,28 +60,50 @@ class LinearHead:
     weights: FloatArray
     bias: float
     ngram_weights: FloatArray | None = None
+    # (index, weight, reason name) of the features with w > 0, in index order: the only ones that can be reasons
+    _pushers: tuple[tuple[int, float, str], ...] = field(init=False, repr=False, compare=False)
 
-    def logit(self, dense: FloatArray, hashed: npt.NDArray[np.int64] | None = None) -> tuple[float, FloatArray]:
+    def __post_init__(self) -> None:
+        pushers = tuple(
+            (i, w, feat.REASONS.get(feat.DENSE_FEATURES[i], feat.DENSE_FEATURES[i]))
+            for i, w in enumerate(self.weights.tolist())
+            if w > 0
+        )
+        object.__setattr__(self, "_pushers", pushers)
+
+    def standardise(self, dense: FloatArray) -> FloatArray:
+        """The standardised features ``z`` (what :meth:`logit` and :meth:`reasons` take as ``z``)."""
+        z: FloatArray = (dense - self.mean) / self.scale
+        return z
+
+    def logit(
+        self, dense: FloatArray, hashed: npt.NDArray[np.int64] | None = None, *, z: FloatArray | None = None
+    ) -> tuple[float, FloatArray]:
         """The logit and the per-feature terms ``w_i · z_i`` of the standardised features ``z``."""
-        z = (dense - self.mean) / self.scale
+        if z is None:
+            z = self.standardise(dense)
         contrib: FloatArray = self.weights * z
         logit = self.bias + float(contrib.sum())
         if self.ngram_weights is not None and hashed is not None and hashed.size:
             logit += float(self.ngram_weights[hashed].sum())
         return logit, contrib
 
-    def reasons(self, dense: FloatArray, top: int = 3) -> tuple[str, ...]:
+    def reasons(self, dense: FloatArray, top: int = 3, *, z: FloatArray | None = None) -> tuple[str, ...]:
         """Features present above their usual level that push the score up, strongest first, by reason name.
 
         Only terms with ``w > 0`` and ``z > 0`` count: "this prompt has a lot of X, and X means harder" is a reason;
         the absence of something that would lower the score is not.
         """
-        z = (dense - self.mean) / self.scale
-        pushes = np.where((self.weights > 0) & (z > 0), self.weights * z, 0.0)
+        # Plain Python over the few positive weights: numpy's per-call overhead dominates on one short vector, and
+        # the float64 arithmetic (w * z, summed per reason in feature order) is the same.
+        zs = (self.standardise(dense) if z is None else z).tolist()
         by_reason: dict[str, float] = {}
-        for i in np.flatnonzero(pushes):
-            name = feat.REASONS.get(feat.DENSE_FEATURES[i], feat.DENSE_FEATURES[i])
-            by_reason[name] = by_reason.get(name, 0.0) + float(pushes[i])
+        for i, w, name in self._pushers:
+            zi = zs[i]
+            if zi > 0:
+                push = w * zi
+                if push:
+                    by_reason[name] = by_reason.get(name, 0.0) + push
         ranked = sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0]))
         return tuple(name for name, _ in ranked[:top])
 
@@ -148,9 +170,10 @@ class ComplexityModel:
     def score_features(self, features: feat.Features, *, top: int = 3) -> Scored:
         gate = gate_of(features.dense)
         head = self.heads[gate]
-        z, _ = head.logit(features.dense, features.hashed if self.uses_ngrams else None)
-        reasons = head.reasons(features.dense, top) if top else ()
-        return Scored(score=sigmoid(z), gate=gate, reasons=reasons, token_estimate=features.token_estimate)
+        z = head.standardise(features.dense)
+        logit, _ = head.logit(features.dense, features.hashed if self.uses_ngrams else None, z=z)
+        reasons = head.reasons(features.dense, top, z=z) if top else ()
+        return Scored(score=sigmoid(logit), gate=gate, reasons=reasons, token_estimate=features.token_estimate)
 
     def score(self, messages: Sequence[Message], max_tokens: int = 0, *, top: int = 3) -> Scored:
         """Score in [0, 1]: the estimated probability that the full tier is needed."""
