@@ -16,6 +16,7 @@ END_USER_KEY = "x-costmesh-end-user"
 REQUEST_ID_KEY = "x-request-id"
 
 _FIELDS = (("tenant", TENANT_KEY), ("team", TEAM_KEY), ("feature", FEATURE_KEY), ("end_user", END_USER_KEY))
+_FIELD_OF_KEY = {key: name for name, key in _FIELDS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +43,8 @@ class Attribution:
 
 def from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> Attribution:
     values: dict[str, str] = {}
-    wanted = {key: name for name, key in _FIELDS}
     for key, value in metadata or ():
-        name = wanted.get(key.lower())
+        name = _FIELD_OF_KEY.get(key.lower())
         if name is not None and isinstance(value, str):
             values[name] = value
     return Attribution(**values)

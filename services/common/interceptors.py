@@ -86,11 +86,71 @@ def _internal_status(domain: str) -> status_pb2.Status:
     return status
 
 
+Wrap = Callable[[str, Any], Any]
+
+
+def rewrap(handler: Any, unary: Callable[[Any], Any], stream: Callable[[Any], Any]) -> Any:
+    """The same handler with its behaviour wrapped (``unary`` for unary responses, ``stream`` for streamed ones)."""
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            stream(handler.unary_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            unary(handler.stream_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        stream(handler.stream_stream),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class WrappedHandlers:
+    """An interceptor's wrapped handlers, by method: built once per method, not once per call.
+
+    grpc.aio looks the handler up on every call and gets the same object back, so the wrapper (closures and a new
+    ``RpcMethodHandler``) built for it the first time serves every later call. A handler that is not the one wrapped
+    before (an outer interceptor that wraps per call) is wrapped anew.
+    """
+
+    #: Methods kept at most (the registered methods of a server are far fewer).
+    MAX_METHODS = 512
+
+    def __init__(self, unary: Wrap, stream: Wrap) -> None:
+        self._unary = unary
+        self._stream = stream
+        self._by_method: dict[str, tuple[Any, Any]] = {}
+
+    def wrap(self, method: str, handler: Any) -> Any:
+        known = self._by_method.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = rewrap(
+            handler, lambda behavior: self._unary(method, behavior), lambda behavior: self._stream(method, behavior)
+        )
+        if len(self._by_method) >= self.MAX_METHODS:
+            self._by_method.clear()
+        self._by_method[method] = (handler, wrapped)
+        return wrapped
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps exceptions raised by handlers to rich gRPC statuses."""
 
     def __init__(self, *, domain: str) -> None:
         self._domain = domain
+        self._wrapped = WrappedHandlers(self._wrap_unary, self._wrap_stream)
 
     async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
         if isinstance(exc, CostmeshError):
@@ -102,7 +162,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             status = _internal_status(self._domain)
         await context.abort_with_status(rpc_status.to_status(status))
 
-    def _wrap_unary(self, behavior: Any) -> Any:
+    def _wrap_unary(self, _method: str, behavior: Any) -> Any:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
                 return await behavior(request, context)
@@ -113,7 +173,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapped
 
-    def _wrap_stream(self, behavior: Any) -> Any:
+    def _wrap_stream(self, _method: str, behavior: Any) -> Any:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             try:
                 async for item in behavior(request, context):
@@ -133,29 +193,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler: Any = await continuation(handler_call_details)
         if handler is None:
             return None
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(handler.stream_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(handler.stream_stream),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return self._wrapped.wrap(handler_call_details.method, handler)  # type: ignore[no-any-return]
 
 
 class LogContextInterceptor(grpc.aio.ServerInterceptor):

@@ -19,17 +19,19 @@ interceptor to the process meter (:func:`host_meter`) once ``make_host`` has bui
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from opentelemetry import baggage, metrics, trace
 from opentelemetry import context as otel_context
-from opentelemetry import metrics, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.trace import Status, StatusCode
 
 from services.common.attribution import Attribution, from_metadata
+from services.common.interceptors import WrappedHandlers
 from services.common.spans import attribution_from_baggage, baggage_context
 
 if TYPE_CHECKING:
@@ -62,33 +64,6 @@ DURATION_BUCKETS_MS: tuple[float, ...] = (
 def host_meter(host: ServiceHost, name: str) -> metrics.Meter:
     """The meter ``name`` of the process ``MeterProvider`` that ``make_host`` built (a no-op one without it)."""
     return host.telemetry.meter(name) if host.telemetry is not None else metrics.NoOpMeter(name)
-
-
-def _rewrap(handler: Any, unary: Callable[[Any], Any], stream: Callable[[Any], Any]) -> Any:
-    """The same handler with its behaviour wrapped (``unary`` for unary responses, ``stream`` for streamed ones)."""
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            unary(handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            stream(handler.unary_stream),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(
-            unary(handler.stream_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    return grpc.stream_stream_rpc_method_handler(
-        stream(handler.stream_stream),
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
 
 
 class RpcMetrics:
@@ -134,6 +109,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self) -> None:
         self._metrics: RpcMetrics | None = None
+        self._wrapped = WrappedHandlers(self._unary, self._stream)
 
     def bind(self, meter: metrics.Meter) -> None:
         self._metrics = RpcMetrics(meter)
@@ -150,6 +126,32 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         if self._metrics is not None:
             self._metrics.record(method, code, (time.perf_counter() - started) * 1000)
 
+    def _unary(self, method: str, behavior: Any) -> Any:
+        async def wrapped(request: Any, context: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                response = await behavior(request, context)
+            except BaseException as exc:
+                self._record(method, context, started, exc)
+                raise
+            self._record(method, context, started, None)
+            return response
+
+        return wrapped
+
+    def _stream(self, method: str, behavior: Any) -> Any:
+        async def wrapped(request: Any, context: Any) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except BaseException as exc:
+                self._record(method, context, started, exc)
+                raise
+            self._record(method, context, started, None)
+
+        return wrapped
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Req, _Resp] | None]],
@@ -158,56 +160,46 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         handler: Any = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
-
-        def unary(behavior: Any) -> Any:
-            async def wrapped(request: Any, context: Any) -> Any:
-                started = time.perf_counter()
-                try:
-                    response = await behavior(request, context)
-                except BaseException as exc:
-                    self._record(method, context, started, exc)
-                    raise
-                self._record(method, context, started, None)
-                return response
-
-            return wrapped
-
-        def stream(behavior: Any) -> Any:
-            async def wrapped(request: Any, context: Any) -> AsyncIterator[Any]:
-                started = time.perf_counter()
-                try:
-                    async for item in behavior(request, context):
-                        yield item
-                except BaseException as exc:
-                    self._record(method, context, started, exc)
-                    raise
-                self._record(method, context, started, None)
-
-            return wrapped
-
-        return _rewrap(handler, unary, stream)  # type: ignore[no-any-return]
+        return self._wrapped.wrap(handler_call_details.method, handler)  # type: ignore[no-any-return]
 
 
 _BAGGAGE = W3CBaggagePropagator()
 
 
-def _incoming_baggage(context: Any) -> otel_context.Context:
+@functools.lru_cache(maxsize=256)
+def _baggage_entries(header: str) -> tuple[tuple[str, object], ...]:
+    """The entries of a W3C ``baggage`` header, in order, as the propagator extracts them: parsed once per distinct
+    header (a service sees the same few tenant/feature headers over and over, and parsing one cost ~40 us)."""
+    return tuple(baggage.get_all(_BAGGAGE.extract({"baggage": header}, context=otel_context.Context())).items())
+
+
+def _incoming_baggage(metadata: tuple[tuple[str, str | bytes], ...]) -> otel_context.Context:
     """The current context with the call's ``baggage`` header applied (what the tracing interceptor would do)."""
-    carrier = {k: v for k, v in (context.invocation_metadata() or ()) if k == "baggage" and isinstance(v, str)}
-    return _BAGGAGE.extract(carrier) if carrier else otel_context.get_current()
+    header = ""
+    for key, value in metadata:
+        if key == "baggage" and isinstance(value, str):
+            header = value  # the last one, as a dict carrier would keep
+    ctx = otel_context.get_current()
+    if header:
+        for name, entry in _baggage_entries(header):
+            ctx = baggage.set_baggage(name, entry, ctx)
+    return ctx
 
 
 def _call_context(request: Any, context: Any) -> otel_context.Context:
     """The call's context: incoming baggage with the request's own attribution over it."""
-    incoming = _incoming_baggage(context)
-    merged = request_attribution(request, context).merged_with(attribution_from_baggage(incoming))
+    metadata = tuple(context.invocation_metadata() or ())
+    incoming = _incoming_baggage(metadata)
+    merged = request_attribution(request, context, metadata).merged_with(attribution_from_baggage(incoming))
     return baggage_context(merged, incoming)
 
 
-def request_attribution(request: Any, context: Any) -> Attribution:
-    """A request's own ``attribution`` field (when it has one) over the call's ``x-costmesh-*`` metadata."""
-    fallback = from_metadata(tuple(context.invocation_metadata() or ()))
+def request_attribution(
+    request: Any, context: Any, metadata: tuple[tuple[str, str | bytes], ...] | None = None
+) -> Attribution:
+    """A request's own ``attribution`` field (when it has one) over the call's ``x-costmesh-*`` metadata (``metadata``:
+    the call's invocation metadata when the caller already has it)."""
+    fallback = from_metadata(tuple(context.invocation_metadata() or ()) if metadata is None else metadata)
     own = getattr(request, "attribution", None)
     if own is None:
         return fallback
@@ -219,6 +211,32 @@ def request_attribution(request: Any, context: Any) -> Attribution:
 class AttributionBaggageInterceptor(grpc.aio.ServerInterceptor):
     """Puts each request's attribution, over the incoming baggage, into the call's context while it is served."""
 
+    def __init__(self) -> None:
+        self._wrapped = WrappedHandlers(self._unary, self._stream)
+
+    @staticmethod
+    def _unary(_method: str, behavior: Any) -> Any:
+        async def wrapped(request: Any, context: Any) -> Any:
+            token = otel_context.attach(_call_context(request, context))
+            try:
+                return await behavior(request, context)
+            finally:
+                otel_context.detach(token)
+
+        return wrapped
+
+    @staticmethod
+    def _stream(_method: str, behavior: Any) -> Any:
+        async def wrapped(request: Any, context: Any) -> AsyncIterator[Any]:
+            # Attached for the rest of the call's own task and never detached: a stream the client cancels is
+            # closed from another context, where detaching fails (and OpenTelemetry logs an error). The task ends
+            # with the call, and an outer interceptor's detach restores what was there before.
+            otel_context.attach(_call_context(request, context))
+            async for item in behavior(request, context):
+                yield item
+
+        return wrapped
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Req, _Resp] | None]],
@@ -227,29 +245,21 @@ class AttributionBaggageInterceptor(grpc.aio.ServerInterceptor):
         handler: Any = await continuation(handler_call_details)
         if handler is None:
             return None
+        return self._wrapped.wrap(handler_call_details.method, handler)  # type: ignore[no-any-return]
 
-        def unary(behavior: Any) -> Any:
-            async def wrapped(request: Any, context: Any) -> Any:
-                token = otel_context.attach(_call_context(request, context))
-                try:
-                    return await behavior(request, context)
-                finally:
-                    otel_context.detach(token)
 
-            return wrapped
+def _encode_baggage(entries: tuple[tuple[str, object], ...]) -> str:
+    """The W3C ``baggage`` header the propagator sends for ``entries`` ("" when it sends none)."""
+    ctx = otel_context.Context()
+    for key, value in entries:
+        ctx = baggage.set_baggage(key, value, ctx)
+    carrier: dict[str, str] = {}
+    _BAGGAGE.inject(carrier, context=ctx)
+    return carrier.get("baggage", "")
 
-        def stream(behavior: Any) -> Any:
-            async def wrapped(request: Any, context: Any) -> AsyncIterator[Any]:
-                # Attached for the rest of the call's own task and never detached: a stream the client cancels is
-                # closed from another context, where detaching fails (and OpenTelemetry logs an error). The task ends
-                # with the call, and an outer interceptor's detach restores what was there before.
-                otel_context.attach(_call_context(request, context))
-                async for item in behavior(request, context):
-                    yield item
 
-            return wrapped
-
-        return _rewrap(handler, unary, stream)  # type: ignore[no-any-return]
+#: Encoded once per distinct baggage: every call made while serving one request carries the same.
+_baggage_header = functools.lru_cache(maxsize=256)(_encode_baggage)
 
 
 class _BaggageOut:
@@ -257,13 +267,17 @@ class _BaggageOut:
 
     @staticmethod
     def _details(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        carrier: dict[str, str] = {}
-        _BAGGAGE.inject(carrier)
-        if not carrier:
+        entries = tuple(baggage.get_all().items())
+        if not entries:
+            return details
+        try:
+            header = _baggage_header(entries)
+        except TypeError:  # a value that cannot be a cache key: encode it every time
+            header = _encode_baggage(entries)
+        if not header:
             return details
         metadata = grpc.aio.Metadata(*(details.metadata or ()))
-        for key, value in carrier.items():
-            metadata.add(key, value)
+        metadata.add("baggage", header)
         return grpc.aio.ClientCallDetails(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )

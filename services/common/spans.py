@@ -38,8 +38,10 @@ def attribution_attributes(attribution: Attribution) -> dict[str, str]:
 def attribution_from_baggage(ctx: context.Context | None = None) -> Attribution:
     """The attribution an upstream service put in the W3C baggage of this request (empty fields when absent)."""
 
+    entries = baggage.get_all(ctx)
+
     def get(key: str) -> str:
-        value = baggage.get_baggage(key, ctx)
+        value = entries.get(key)
         return value if isinstance(value, str) else ""
 
     return Attribution(tenant=get(sc.TENANT), team=get(sc.TEAM), feature=get(sc.FEATURE))
@@ -53,8 +55,10 @@ def with_baggage(attribution: Attribution) -> Attribution:
 def baggage_context(attribution: Attribution, ctx: context.Context | None = None) -> context.Context:
     """``ctx`` (default: the current context) with the non-empty fields of ``attribution`` set as baggage."""
     out = ctx if ctx is not None else context.get_current()
+    present = baggage.get_all(out)
     for key, value in attribution_attributes(attribution).items():
-        out = baggage.set_baggage(key, value, out)
+        if present.get(key) != value:  # an entry that already has the value: a copy of the context changes nothing
+            out = baggage.set_baggage(key, value, out)
     return out
 
 
