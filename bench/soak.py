@@ -66,6 +66,9 @@ FRESH = [
 ]
 #: Share of each kind of request in the mix.
 MIX = {"miss": 0.40, "hit": 0.25, "stream": 0.20, "cancel": 0.05, "async": 0.10}
+#: Share of fresh unary and streamed prompts that ask for the full tier: the mix's short prompts with few output
+#: tokens all classify as cheap, and the soak must keep both workers busy.
+FULL_SHARE = 1 / 3
 
 
 # ---- memory ----------------------------------------------------------------------------------------------------
@@ -123,12 +126,15 @@ class MemorySeries:
                 mt, mb = statistics.fmean(ts), statistics.fmean(bs)
                 var = sum((t - mt) ** 2 for t in ts)
                 slope = sum((t - mt) * (b - mb) for t, b in steady) / var if var else 0.0
+            half = [b for t, b in steady if t >= (steady[0][0] + steady[-1][0]) / 2] or [last]
             out[name] = {
                 "start_mib": first / 2**20,
                 "end_mib": last / 2**20,
                 "growth_mib": (last - first) / 2**20,
                 "peak_mib": max(b for _, b in series) / 2**20,
                 "trend_mib_per_10min": slope * 600 / 2**20,
+                # a leak keeps growing; first-touch of preallocated memory (a worker's KV cache) flattens out
+                "second_half_growth_mib": (last - half[0]) / 2**20,
             }
         return out
 
@@ -183,6 +189,9 @@ class Load:
     def _sampling(self) -> common_pb2.SamplingParams:
         return common_pb2.SamplingParams(max_tokens=self.max_tokens, temperature=0.0)
 
+    def _tier(self) -> common_pb2.Tier.ValueType:
+        return common_pb2.TIER_FULL if self._rng.random() < FULL_SHARE else common_pb2.TIER_UNSPECIFIED
+
     async def one(self) -> None:
         kind = self._rng.choices(list(MIX), weights=list(MIX.values()))[0]
         started = time.perf_counter()
@@ -191,7 +200,10 @@ class Load:
                 text = self._fresh() if kind == "miss" else self._rng.choice(REPEATED)
                 reply = await self.stub.Generate(
                     router_pb2.GenerateRequest(
-                        attribution=self._attribution(), messages=_messages(text), sampling=self._sampling()
+                        attribution=self._attribution(),
+                        messages=_messages(text),
+                        sampling=self._sampling(),
+                        tier=self._tier() if kind == "miss" else common_pb2.TIER_UNSPECIFIED,
                     ),
                     timeout=300,
                 )
@@ -199,7 +211,10 @@ class Load:
             elif kind == "stream":
                 call = self.stub.GenerateStream(
                     router_pb2.GenerateStreamRequest(
-                        attribution=self._attribution(), messages=_messages(self._fresh()), sampling=self._sampling()
+                        attribution=self._attribution(),
+                        messages=_messages(self._fresh()),
+                        sampling=self._sampling(),
+                        tier=self._tier(),
                     ),
                     timeout=300,
                 )
@@ -322,6 +337,7 @@ class SoakReport:
     settle_s: float
     memory: dict[str, dict[str, float]]
     services_alive: dict[str, bool]
+    rss_mib: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # (seconds, MiB) per service
     machine: str = ""
 
     @property
@@ -408,6 +424,7 @@ async def soak(
         cancel_tenant_reserved_after_micros=cancel_reserved,
         settle_s=settle_s,
         memory=memory.summary(warmup_s),
+        rss_mib={n: [(round(t, 1), round(b / 2**20, 1)) for t, b in ser] for n, ser in memory.samples.items()},
         services_alive={name: p.poll() is None for name, p in mesh.procs.items()},
     )
 
@@ -432,11 +449,14 @@ def print_report(r: SoakReport) -> None:
         f"(cancel tenant {r.cancel_tenant_reserved_after_micros}, settled in {r.settle_s:.1f} s)"
     )
     print(f"{'money lost (micro-USD)':<34}{r.money_lost_micros:>12}")
-    print(f"\n{'service':<12} {'RSS start':>10} {'RSS end':>10} {'growth':>9} {'peak':>9} {'trend/10min':>12}   (MiB)")
+    print(
+        f"\n{'service':<12} {'RSS start':>10} {'RSS end':>10} {'growth':>9} {'peak':>9} {'trend/10min':>12} "
+        f"{'2nd half':>9}   (MiB)"
+    )
     for name, m in r.memory.items():
         print(
             f"{name:<12} {m['start_mib']:>10.1f} {m['end_mib']:>10.1f} {m['growth_mib']:>+9.1f} {m['peak_mib']:>9.1f} "
-            f"{m['trend_mib_per_10min']:>+12.1f}"
+            f"{m['trend_mib_per_10min']:>+12.1f} {m['second_half_growth_mib']:>+9.1f}"
         )
 
 
