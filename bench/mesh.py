@@ -10,7 +10,7 @@ loopback ports, then, from this process (grpc.aio; the load generator shares the
 
 each at concurrency 1 and 32 (``max_tokens`` 4, so the worker's own time stays small and steady), plus cache hits
 per second at concurrency 32. With ``--tracing`` the same run is repeated on a second mesh exporting every span
-(sample ratio 1.0) over OTLP/gRPC to a receiver in this process, and the table shows tracing on versus off.
+(sample ratio 1.0) over OTLP/gRPC to a receiver in a process of its own, and the table shows tracing on versus off.
 
     .venv/bin/python bench/mesh.py [--json PATH] [--requests N] [--tracing] [--quick]
 """
@@ -22,9 +22,13 @@ import asyncio
 import json
 import os
 import platform
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -56,6 +60,7 @@ class Row:
     p50_ms: float
     p99_ms: float
     rps: float
+    errors: dict[str, int]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -71,14 +76,21 @@ def sampling() -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
 
 
-async def run_load(fn: Callable[[int], Awaitable[None]], n: int, concurrency: int) -> tuple[list[float], float]:
+async def run_load(
+    fn: Callable[[int], Awaitable[None]], n: int, concurrency: int, errors: dict[str, int]
+) -> tuple[list[float], float]:
+    """Latencies (ms) of the answered calls and the wall time; failed calls are counted in ``errors`` by code."""
     latencies: list[float] = []
     counter = iter(range(n))
 
     async def worker() -> None:
         for i in counter:
             t0 = time.perf_counter()
-            await fn(i)
+            try:
+                await fn(i)
+            except grpc.aio.AioRpcError as err:
+                errors[err.code().name] = errors.get(err.code().name, 0) + 1
+                continue
             latencies.append((time.perf_counter() - t0) * 1000)
 
     t0 = time.perf_counter()
@@ -153,11 +165,14 @@ async def measure(mesh: LocalMesh, label: str, n: int, concurrencies: tuple[int,
                 ("router hit", hit),
             ):
                 count = n if path != "router hit" else n * 4
-                lat, wall = await run_load(fn, count, c)
-                rows.append(Row(label, path, c, count, statistics.median(lat), pct(lat, 0.99), count / wall))
+                errors: dict[str, int] = {}
+                lat, wall = await run_load(fn, count, c, errors)
+                rows.append(
+                    Row(label, path, c, len(lat), statistics.median(lat), pct(lat, 0.99), len(lat) / wall, errors)
+                )
                 print(
                     f"  {label:<11} {path:<13} c={c:<3} p50 {rows[-1].p50_ms:7.2f} ms  p99 {rows[-1].p99_ms:7.2f} ms"
-                    f"  {rows[-1].rps:8.1f} req/s",
+                    f"  {rows[-1].rps:8.1f} req/s  errors {errors or 0}",
                     flush=True,
                 )
     return rows
@@ -198,18 +213,43 @@ def summarize(rows: list[Row]) -> list[dict[str, Any]]:
                     "hit_p50_ms": h.p50_ms,
                     "hit_p99_ms": h.p99_ms,
                     "hit_rps": h.rps,
+                    "errors": sum(sum(r.errors.values()) for r in (d, m, h)),
                 }
             )
     return out
 
 
+def run_sink(port: int, count_file: Path) -> None:
+    """An OTLP/gRPC receiver process: counts spans until SIGTERM, then writes the count to ``count_file``."""
+    sink = Sink()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    server.stop(5)
+    count_file.write_text(str(sink.spans))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sink", nargs=2, help=argparse.SUPPRESS)  # internal: PORT COUNT_FILE
     parser.add_argument("--json", type=Path, help="write results here")
     parser.add_argument("--requests", type=int, default=200, help="requests per measurement (hits: 4x)")
     parser.add_argument("--tracing", action="store_true", help="repeat with OTLP export of every span")
     parser.add_argument("--quick", action="store_true", help="few requests (smoke run)")
     args = parser.parse_args()
+    if args.sink:
+        run_sink(int(args.sink[0]), Path(args.sink[1]))
+        return 0
     n = 30 if args.quick else args.requests
     ensure_local_models(MODELS)
     rows: list[Row] = []
@@ -222,33 +262,33 @@ def main() -> int:
         finally:
             mesh.stop()
         if args.tracing:
-            sink = Sink()
-            server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-            trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
-            port = server.add_insecure_port("127.0.0.1:0")
-            server.start()
+            # The receiver runs in its own process (as a collector would), not in the load generator's.
+            count_file = Path(tmp) / "spans"
+            port = free_port()
+            sink = subprocess.Popen([sys.executable, __file__, "--sink", str(port), str(count_file)])
             print("mesh with tracing (OTLP, sample ratio 1.0): starting", flush=True)
             mesh = start_mesh(Path(tmp) / "traced", f"127.0.0.1:{port}")
             try:
                 rows += asyncio.run(measure(mesh, "on (100%)", n, (1, 32)))
             finally:
-                mesh.stop()
-                server.stop(5)
-                spans = sink.spans
+                mesh.stop()  # the services flush their last spans on shutdown
+                sink.send_signal(signal.SIGTERM)
+                sink.wait(30)
+                spans = int(count_file.read_text()) if count_file.exists() else 0
     summary = summarize(rows)
     print()
     print(
         f"{'tracing':<11} {'c':>3} {'miss added p50':>15} {'miss added p99':>15} {'hit p50':>9} {'hit p99':>9} "
-        f"{'hit req/s':>10}"
+        f"{'hit req/s':>10} {'errors':>7}"
     )
     for s in summary:
         print(
             f"{s['tracing']:<11} {s['concurrency']:>3} {s['miss_added_p50_ms']:>12.2f} ms "
             f"{s['miss_added_p99_ms']:>12.2f} ms {s['hit_p50_ms']:>6.2f} ms {s['hit_p99_ms']:>6.2f} ms "
-            f"{s['hit_rps']:>10.1f}"
+            f"{s['hit_rps']:>10.1f} {s['errors']:>7}"
         )
     if args.tracing:
-        print(f"spans received by the OTLP sink: {spans}")
+        print(f"spans received by the OTLP receiver (its own process): {spans}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(

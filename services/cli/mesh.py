@@ -20,6 +20,10 @@ INFER_PORTS = {"cheap": DEFAULT_PORTS["infer"], "full": DEFAULT_PORTS["infer"] +
 INFER_METRICS_PORTS = {"cheap": DEFAULT_METRICS_PORTS["infer"], "full": DEFAULT_METRICS_PORTS["infer"] + 1}
 
 
+#: CPU niceness of the inference workers when the whole mesh shares one machine (``costmesh up``, tests, benches).
+INFER_NICE = 5
+
+
 @dataclass(frozen=True)
 class MeshLayout:
     """Where each service of a local mesh listens and how it is configured."""
@@ -99,7 +103,11 @@ class MeshLayout:
                     "VLLM_CPU_OMP_THREADS_BIND": self.cpu_bind[tier],
                 }
             )
-            specs.append(ChildSpec(name, python_module("services.infer"), env))
+            # One machine for everything: the engines run at a lower CPU priority. The control plane (router, cache,
+            # budget) needs little CPU but must answer in milliseconds; starved by two busy engines, a Reserve took
+            # seconds under load (bench/mesh.py at c=32). The engines get every cycle the control plane leaves.
+            argv = ["nice", "-n", str(INFER_NICE), *python_module("services.infer")]
+            specs.append(ChildSpec(name, argv, env))
         router = self._common("router", "router")
         router.update(
             {
