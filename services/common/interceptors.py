@@ -20,7 +20,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from services.common.attribution import REQUEST_ID_KEY, from_metadata, metadata_value
-from services.common.errors import CostmeshError, InvalidArgument, ResourceExhausted, Unavailable
+from services.common.errors import CostmeshError, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented
 
 log = structlog.get_logger("costmesh.rpc")
 
@@ -153,6 +153,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped = WrappedHandlers(self._wrap_unary, self._wrap_stream)
 
     async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
+        if isinstance(exc, NotImplementedError):  # what a generated servicer base raises for a method not overridden
+            exc = Unimplemented("method not implemented")
         if isinstance(exc, CostmeshError):
             if exc.code == grpc.StatusCode.INTERNAL:
                 log.error("rpc_failed", reason=exc.reason, exc_info=exc)

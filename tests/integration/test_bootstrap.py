@@ -137,6 +137,19 @@ async def test_unknown_errors_become_generic_internal(host: tuple[ServiceHost, F
     assert _detail(err.value, error_details_pb2.ErrorInfo).reason == "INTERNAL"
 
 
+async def test_a_method_the_servicer_lacks_is_unimplemented_not_internal(
+    host: tuple[ServiceHost, FailingBudget],
+) -> None:
+    """FailingBudget does not override GetUsage: the generated base raises NotImplementedError, which must reach the
+    client as UNIMPLEMENTED (a client can tell "not here" from "broke"), not as a crash."""
+    h, _ = host
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{h.port}") as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await budget_pb2_grpc.BudgetServiceStub(ch).GetUsage(budget_pb2.GetUsageRequest(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert _detail(err.value, error_details_pb2.ErrorInfo).reason == "UNIMPLEMENTED"
+
+
 async def test_streaming_errors_arrive_after_the_streamed_items(host: tuple[ServiceHost, FailingBudget]) -> None:
     h, _ = host
     async with grpc.aio.insecure_channel(f"127.0.0.1:{h.port}") as ch:
