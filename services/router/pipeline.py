@@ -22,11 +22,13 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from opentelemetry import trace
 
+from services.common import deadline
 from services.common import semconv as sc
 from services.common.attribution import Attribution
 from services.common.errors import (
@@ -539,6 +541,9 @@ class Pipeline:
             return
 
         async def run() -> None:
+            # This task runs in a copy of the request's context: background work (settlements, fills, savings) is
+            # not bound by the caller's deadline, which may pass before it is done; the clients' own defaults apply.
+            deadline.set_remaining(None)
             try:
                 await coro
             except CostmeshError as err:
@@ -558,14 +563,14 @@ class Pipeline:
 
     async def _settle_later(self, what: str, call: Callable[[], Awaitable[object]], reservation_id: str) -> None:
         """Retry an idempotent commit or release until the budget answers (bounded by ``settle_retry_s``)."""
-        deadline = time.monotonic() + self.limits.settle_retry_s
+        give_up_at = time.monotonic() + self.limits.settle_retry_s
         delay = 0.25
         while True:
             await asyncio.sleep(delay)
             try:
                 await call()
             except _TRANSIENT as err:
-                if time.monotonic() + delay > deadline:
+                if time.monotonic() + delay > give_up_at:
                     log.error("settle_gave_up", what=what, reservation_id=reservation_id, error=err.message)
                     return
                 delay = min(delay * 2, 5.0)
@@ -585,9 +590,9 @@ class Pipeline:
         their handlers ran far enough to release what they hold; so first wait (``drain_wait_s`` at most) until no
         request holds a reservation or lease unsettled, then for every settlement and background task.
         """
-        deadline = time.monotonic() + self.limits.drain_wait_s
+        until = time.monotonic() + self.limits.drain_wait_s
         # A poll, at shutdown only: settlements change state by plain assignment, without signalling.
-        while any(s.open for s in self._settlements) and time.monotonic() < deadline:  # noqa: ASYNC110
+        while any(s.open for s in self._settlements) and time.monotonic() < until:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
@@ -701,7 +706,8 @@ class Pipeline:
         max_tokens = self._max_tokens(inp)
         prompt_tokens = self._tokens.count_prompt(tier, inp.messages)
         price = self._prices.price_for(tier=tier.label, model=self._models[tier])
-        return await self._budget.reserve(
+        reserve = partial(
+            self._budget.reserve,
             # interactive: this run's key; async (no run): keyed by the tier whose worker deduplicates the job
             request_id=budget_request_id(inp.request_id, run, suffix)
             if run
@@ -713,6 +719,26 @@ class Pipeline:
             tier=tier,
             ttl_s=ttl_s,
         )
+        try:
+            return await reserve()
+        except _TRANSIENT:
+            # The outcome is unknown: the store may have written the reservation and lost the reply (Redis killed
+            # between its write and its answer). The caller gets the error; in the background, once the budget
+            # answers, the same (idempotent) Reserve finds that reservation — or makes one — and releases it, so no
+            # money stays held until the TTL.
+            tenant = inp.attribution.tenant
+
+            async def reconcile() -> None:
+                try:
+                    held = await reserve()
+                except _TRANSIENT:
+                    raise
+                except CostmeshError:  # refused now (e.g. a hard limit): nothing is held under this key
+                    return
+                await self._budget.release(reservation_id=held.reservation_id, tenant=tenant)
+
+            self._retry_later("reserve_reconcile", reconcile, inp.request_id)
+            raise
 
     async def _reserve_with_downgrade(
         self, inp: GenerateInput, decision: Decision, settle: _Settlement, ttl_s: int = 0, run: str = ""

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from services.common import deadline
 from services.common.attribution import Attribution
 from services.common.errors import Unavailable
 from services.common.pricing import PriceTable, TokenUsage
@@ -335,3 +336,97 @@ async def test_the_async_settler_outlives_a_budget_outage() -> None:
     await asyncio.wait_for(p.drain(), 20)  # the background settler retries until the commit lands
     assert ledger.committed == FULL_COST and ledger.reserved == {}
     assert sub.job_id.startswith("full.")
+
+
+@dataclass
+class LostReplyLedger(IdempotentLedger):
+    """The store writes the first ``lost`` reservations and the reply is lost (Redis killed between its write and its
+    answer): the router sees UNAVAILABLE while the money is held."""
+
+    lost: int = 0
+    unreachable: int = 0  # then this many Reserves fail without writing anything (the store is still gone)
+
+    async def reserve(
+        self,
+        *,
+        request_id: str,
+        attribution: Attribution,
+        estimated_cost_micros: int,
+        estimated_tokens: int,
+        model: str,
+        tier: Tier,
+        ttl_s: int = 0,
+    ) -> Reservation:
+        if self.lost:
+            self.lost -= 1
+            await super().reserve(
+                request_id=request_id,
+                attribution=attribution,
+                estimated_cost_micros=estimated_cost_micros,
+                estimated_tokens=estimated_tokens,
+                model=model,
+                tier=tier,
+                ttl_s=ttl_s,
+            )
+            raise Unavailable("budget store unavailable", reason="STORE_UNAVAILABLE")
+        if self.unreachable:
+            self.unreachable -= 1
+            raise Unavailable("budget store unavailable", reason="STORE_UNAVAILABLE")
+        return await super().reserve(
+            request_id=request_id,
+            attribution=attribution,
+            estimated_cost_micros=estimated_cost_micros,
+            estimated_tokens=estimated_tokens,
+            model=model,
+            tier=tier,
+            ttl_s=ttl_s,
+        )
+
+
+async def test_a_reservation_whose_reply_was_lost_is_found_and_released() -> None:
+    """Fault injection (Redis SIGKILLed under load, CI): a Reserve written to the store whose answer never came back
+    left its money held until the TTL — the router had no id to release. The same idempotent Reserve, retried in the
+    background once the budget answers, finds it and releases it."""
+    ledger = LostReplyLedger(lost=1, unreachable=2)
+    p, *_ = make(ledger=ledger)
+    with pytest.raises(Unavailable):
+        await p.generate(req(cache_mode=CacheMode.BYPASS))
+    assert len(ledger.reserved) == 1  # held, and the caller was refused
+    await asyncio.wait_for(p.drain(), 10)
+    assert ledger.reserved == {} and ledger.committed == 0
+    assert len(set(ledger.keys)) == 1  # one budget key: the reconciliation replayed, it did not reserve anew
+
+
+async def test_a_refused_reserve_is_reconciled_even_if_nothing_was_written() -> None:
+    ledger = LostReplyLedger(unreachable=1)
+    p, *_ = make(ledger=ledger)
+    with pytest.raises(Unavailable):
+        await p.generate(req(cache_mode=CacheMode.BYPASS))
+    await asyncio.wait_for(p.drain(), 10)
+    assert ledger.reserved == {} and ledger.committed == 0  # reserved and released again: nothing held, nothing paid
+
+
+async def test_background_settlement_is_not_bound_by_the_callers_deadline() -> None:
+    """A commit deferred by an outage is retried after the caller's deadline has passed: the retry must get the
+    client's own timeout, not the caller's spent one (which would fail every attempt until the retry window ends)."""
+    seen: list[float | None] = []
+
+    @dataclass
+    class DeadlineSeeingLedger(FlakyLedger):
+        async def commit(self, **kwargs: object) -> int | None:  # type: ignore[override]
+            seen.append(deadline.timeout(30.0))
+            return await super().commit(**kwargs)  # type: ignore[arg-type]
+
+    ledger = DeadlineSeeingLedger(commit_failures=1)
+    p, *_ = make(ledger=ledger)
+
+    async def call() -> None:
+        deadline.set_remaining(0.2)  # this request's caller gave it 200 ms
+        await p.generate(req(cache_mode=CacheMode.BYPASS))
+
+    await asyncio.create_task(call())
+    await asyncio.sleep(0.3)  # the caller's deadline has passed
+    await asyncio.wait_for(p.drain(), 10)
+    assert ledger.committed == FULL_COST and ledger.reserved == {}
+    assert seen[0] is not None and seen[0] <= 0.2  # the first commit ran inside the request
+    assert seen[-1] == 30.0  # the late one, in the background, had the client's own timeout
