@@ -48,6 +48,9 @@ class BaggageEcho(cache_pb2_grpc.CacheServiceServicer):
             raise ResourceExhausted("over budget", reason="BUDGET_EXCEEDED")
         return cache_pb2.LookupResponse(key=f"{a.tenant}|{a.team}|{a.feature}")
 
+    async def Fill(self, request: cache_pb2.FillRequest, context: Any) -> cache_pb2.FillResponse:
+        raise RuntimeError("a bug in the servicer")
+
 
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[grpc.aio.Channel, InMemorySpanExporter, InMemoryMetricReader]]:
@@ -126,7 +129,7 @@ async def test_calls_are_timed_by_status_and_failed_spans_are_marked(
         await stub.Lookup(cache_pb2.LookupRequest(attribution=common_pb2.Attribution(tenant="broke")), timeout=10)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     with pytest.raises(grpc.aio.AioRpcError) as crashed:
-        await stub.Fill(cache_pb2.FillRequest(), timeout=10)  # the servicer does not implement it: it raises
+        await stub.Fill(cache_pb2.FillRequest(), timeout=10)  # the servicer crashes
     assert crashed.value.code() == grpc.StatusCode.INTERNAL  # what the shared ErrorInterceptor makes of it
     assert durations(reader) == {("Lookup", 0): 1, ("Lookup", 8): 1, ("Fill", 13): 1}
     failed, ok = [], []
