@@ -505,7 +505,6 @@ class Pipeline:
         prices: PriceTable,
         models: dict[Tier, str],
         limits: PipelineLimits | None = None,
-        spawn: Callable[[Awaitable[None]], object] | None = None,
         jobs: JobPort | None = None,
         metrics: RouterMetrics | None = None,
     ) -> None:
@@ -520,7 +519,6 @@ class Pipeline:
         self._caps = _CapMemory(self.limits.cap_memory_s)
         self._background: set[asyncio.Future[Any]] = set()
         self._settlements: weakref.WeakSet[_Settlement] = weakref.WeakSet()
-        self._spawn = spawn
         self._jobs = jobs
         self._inline: dict[str, tuple[str, GenerateResult]] = {}
         self._metrics = metrics
@@ -536,10 +534,6 @@ class Pipeline:
         return full.cost_micros(TokenUsage(usage.input_tokens, usage.output_tokens, 0))
 
     def _background_task(self, coro: Awaitable[None]) -> None:
-        if self._spawn is not None:
-            self._spawn(coro)
-            return
-
         async def run() -> None:
             # This task runs in a copy of the request's context: background work (settlements, fills, savings) is
             # not bound by the caller's deadline, which may pass before it is done; the clients' own defaults apply.
