@@ -1,7 +1,8 @@
 """OpenTelemetry providers for one service process, built by its composition root and shut down last.
 
 Traces: a ``TracerProvider`` with a parent-based ratio sampler; spans go to an OTLP/gRPC collector when an endpoint
-is configured. Metrics: a ``MeterProvider`` with a Prometheus reader served on ``metrics_port`` when set.
+is configured (the library's exporter with costmesh's cheaper encoder, :mod:`services.common.span_export`).
+Metrics: a ``MeterProvider`` with a Prometheus reader served on ``metrics_port`` when set, exemplars off.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from opentelemetry import metrics, trace
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -56,9 +57,9 @@ def setup_telemetry(
     resource = Resource.create(attrs)
     tracer_provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(sample_ratio)))
     if otlp_endpoint:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from services.common.span_export import OtlpSpanExporter
 
-        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)))
+        tracer_provider.add_span_processor(BatchSpanProcessor(OtlpSpanExporter(endpoint=otlp_endpoint, insecure=True)))
     readers: list[MetricReader] = []
     server: object | None = None
     if metrics_port is not None:
@@ -67,7 +68,9 @@ def setup_telemetry(
 
         readers.append(PrometheusMetricReader())
         server, _thread = start_http_server(metrics_port, addr=metrics_host)
-    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    # Exemplars: the Prometheus reader drops them, yet with a sampled span current the SDK would offer every
+    # measurement to a reservoir (the default filter is trace-based) — work that only tracing would cost.
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers, exemplar_filter=AlwaysOffExemplarFilter())
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(meter_provider)
     return Telemetry(tracer_provider, meter_provider, tracing_enabled=bool(otlp_endpoint), _metrics_server=server)
