@@ -145,7 +145,23 @@ class WrappedHandlers:
         return wrapped
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that wraps each method's handler once (its ``_wrapped``) and serves every call with it."""
+
+    _wrapped: WrappedHandlers
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Req, _Resp] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[_Req, _Resp] | None:
+        handler: Any = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        return self._wrapped.wrap(handler_call_details.method, handler)  # type: ignore[no-any-return]
+
+
+class ErrorInterceptor(WrappingInterceptor):
     """Maps exceptions raised by handlers to rich gRPC statuses."""
 
     def __init__(self, *, domain: str) -> None:
@@ -186,16 +202,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 await self._abort(context, exc)
 
         return wrapped
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Req, _Resp] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[_Req, _Resp] | None:
-        handler: Any = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        return self._wrapped.wrap(handler_call_details.method, handler)  # type: ignore[no-any-return]
 
 
 class LogContextInterceptor(grpc.aio.ServerInterceptor):

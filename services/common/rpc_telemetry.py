@@ -1,16 +1,20 @@
-"""Server interceptors for telemetry that every service may add to its ``ServiceHost``.
+"""gRPC interceptors for telemetry that every service adds to its ``ServiceHost`` and its outgoing channels.
+
+``ServerSpanInterceptor`` (added by ``ServiceHost`` when tracing is on) opens one SERVER span per inbound call,
+continuing the caller's W3C trace context; ``client_interceptors`` send the current trace context and baggage on every
+outgoing call, each call in a CLIENT span when tracing is on. Both record what ``opentelemetry-instrumentation-grpc``'s
+aio interceptors record, for less CPU per call (docs/telemetry.md, Cost of telemetry); the library's client
+interceptors interoperate with them (tests/integration/test_telemetry_interceptors.py).
 
 ``RpcMetricsInterceptor`` records ``rpc.server.duration`` (OpenTelemetry RPC semantic conventions: milliseconds,
 labelled with ``rpc.system``, ``rpc.service``, ``rpc.method`` and ``rpc.grpc.status_code``) for every call, so
 error rates and latency come from one metric on every service. It sits outside the shared ``ErrorInterceptor``, so
-the status it records is the one the client receives.
+the status it records is the one the client receives, and marks a failed call's server span with it.
 
 ``AttributionBaggageInterceptor`` puts the attribution of each request (its ``attribution`` field merged over the
 ``x-costmesh-*`` metadata and the incoming W3C ``baggage`` header) into the baggage of the current context for the
 duration of the call: what the service records sees tenant, team and feature even when its request names only the
-tenant, and every downstream call made while serving it carries them on. ``baggage_client_interceptors`` send the
-baggage on a channel whose calls are not traced (the OpenTelemetry client interceptors send it when they are), so
-attribution travels whether or not tracing is on.
+tenant, and every downstream call made while serving it carries them on, traced or not.
 
 Composition roots build these before ``make_host`` (which takes the interceptors) and ``bind`` the metrics
 interceptor to the process meter (:func:`host_meter`) once ``make_host`` has built it.
@@ -21,17 +25,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import unquote
 
 import grpc
 from opentelemetry import baggage, metrics, trace
 from opentelemetry import context as otel_context
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from services.common.attribution import Attribution, from_metadata
-from services.common.interceptors import WrappedHandlers
+from services.common.interceptors import WrappedHandlers, WrappingInterceptor
 from services.common.spans import attribution_from_baggage, baggage_context
 
 if TYPE_CHECKING:
@@ -103,7 +109,7 @@ def _status(context: Any, exc: BaseException | None) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+class RpcMetricsInterceptor(WrappingInterceptor):
     """Times every call and records it with its final status code (nothing is recorded until ``bind``); a call that
     fails marks its server span with that status."""
 
@@ -152,15 +158,89 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapped
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Req, _Resp] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[_Req, _Resp] | None:
-        handler: Any = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        return self._wrapped.wrap(handler_call_details.method, handler)  # type: ignore[no-any-return]
+
+class ServerSpanInterceptor(WrappingInterceptor):
+    """One SERVER span per inbound call, continuing the caller's W3C trace context (``traceparent``/``tracestate``).
+
+    What ``opentelemetry-instrumentation-grpc``'s aio server interceptor records — span name ``/pkg.Service/Method``,
+    ``rpc.system``, ``rpc.service``, ``rpc.method``, ``rpc.grpc.status_code``, the peer, the user agent — at about
+    half its CPU per call (docs/telemetry.md, Cost of telemetry): the handler wrapper and the method's attributes are
+    built once per method instead of once per call, and only the trace context is extracted here — the call's
+    baggage is :class:`AttributionBaggageInterceptor`'s, which parses each distinct header once. A failed call's
+    status and code are set by :class:`RpcMetricsInterceptor`, which sees the status the client receives.
+    """
+
+    def __init__(self, tracer: trace.Tracer) -> None:
+        self._tracer = tracer
+        self._wrapped = WrappedHandlers(self._unary, self._stream)
+
+    def _start(self, method: str, attributes: dict[str, str | int], context: Any) -> trace.Span:
+        carrier: dict[str, str] = {}
+        attrs = dict(attributes)
+        for key, value in context.invocation_metadata() or ():
+            if key in _TRACE_HEADERS and isinstance(value, str):
+                carrier[key] = value
+            elif key == "user-agent" and isinstance(value, str):
+                attrs["rpc.user_agent"] = value
+        attrs.update(_peer_attributes(context.peer()))
+        parent = _TRACECONTEXT.extract(carrier) if carrier else None
+        return self._tracer.start_span(method, context=parent, kind=trace.SpanKind.SERVER, attributes=attrs)
+
+    def _unary(self, method: str, behavior: Any) -> Any:
+        attributes = _method_attributes(method)
+
+        async def wrapped(request: Any, context: Any) -> Any:
+            span = self._start(method, attributes, context)
+            token = otel_context.attach(trace.set_span_in_context(span))
+            try:
+                return await behavior(request, context)
+            finally:
+                span.end()
+                otel_context.detach(token)
+
+        return wrapped
+
+    def _stream(self, method: str, behavior: Any) -> Any:
+        attributes = _method_attributes(method)
+
+        async def wrapped(request: Any, context: Any) -> AsyncIterator[Any]:
+            span = self._start(method, attributes, context)
+            # Attached for the rest of the call's task and never detached: a stream the client cancels is closed from
+            # another context, where detaching fails (see AttributionBaggageInterceptor._stream).
+            otel_context.attach(trace.set_span_in_context(span))
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            finally:
+                span.end()
+
+        return wrapped
+
+
+_TRACECONTEXT = TraceContextTextMapPropagator()
+_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+
+
+def _method_attributes(method: str) -> dict[str, str | int]:
+    """The span attributes every call of ``method`` (``/pkg.Service/Method``) has; the status code until it fails."""
+    service, _, name = method.lstrip("/").partition("/")
+    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name, "rpc.grpc.status_code": 0}
+
+
+@functools.lru_cache(maxsize=1024)
+def _peer_attributes(peer: str) -> tuple[tuple[str, str], ...]:
+    """``net.peer.ip`` / ``net.peer.port`` (and ``net.peer.name`` for loopback) of a gRPC peer string such as
+    ``ipv4:127.0.0.1:57284`` or ``ipv6:[::1]:57284``, as the OpenTelemetry interceptor reports them."""
+    if not peer or peer.startswith("unix:") or ":" not in peer:
+        return ()
+    address = peer.split(",", maxsplit=1)[0].split(":", 1)[1]
+    ip, _, port = address.rpartition(":")
+    if not ip:
+        return ()
+    out = [("net.peer.ip", unquote(ip)), ("net.peer.port", port)]
+    if unquote(ip) in ("[::1]", "127.0.0.1"):
+        out.append(("net.peer.name", "localhost"))
+    return tuple(out)
 
 
 _BAGGAGE = W3CBaggagePropagator()
@@ -208,7 +288,7 @@ def request_attribution(
     )
 
 
-class AttributionBaggageInterceptor(grpc.aio.ServerInterceptor):
+class AttributionBaggageInterceptor(WrappingInterceptor):
     """Puts each request's attribution, over the incoming baggage, into the call's context while it is served."""
 
     def __init__(self) -> None:
@@ -237,16 +317,6 @@ class AttributionBaggageInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapped
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Req, _Resp] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[_Req, _Resp] | None:
-        handler: Any = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        return self._wrapped.wrap(handler_call_details.method, handler)  # type: ignore[no-any-return]
-
 
 def _encode_baggage(entries: tuple[tuple[str, object], ...]) -> str:
     """The W3C ``baggage`` header the propagator sends for ``entries`` ("" when it sends none)."""
@@ -262,50 +332,133 @@ def _encode_baggage(entries: tuple[tuple[str, object], ...]) -> str:
 _baggage_header = functools.lru_cache(maxsize=256)(_encode_baggage)
 
 
-class _BaggageOut:
-    """Adds the current context's W3C ``baggage`` header to a call's metadata."""
+class _Outgoing:
+    """Sends the current context on a call — W3C ``traceparent``/``tracestate`` and ``baggage`` in its metadata — and,
+    with a tracer, wraps the call in a CLIENT span whose context is the one sent.
 
-    @staticmethod
-    def _details(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    The span has what ``opentelemetry-instrumentation-grpc``'s aio client interceptor records (name
+    ``/pkg.Service/Method``, ``rpc.system``, ``rpc.service``, ``rpc.method``, ``rpc.grpc.status_code``, ERROR status
+    on a failed call) for less CPU: the method's attributes are built once, and the baggage header is encoded once per
+    distinct baggage rather than on every call. Without a tracer (tracing off) only the baggage travels.
+    """
+
+    def __init__(self, tracer: trace.Tracer | None) -> None:
+        self._tracer = tracer
+        self._attributes: dict[str, dict[str, str | int]] = {}
+
+    def _start(self, details: grpc.aio.ClientCallDetails) -> tuple[trace.Span | None, grpc.aio.ClientCallDetails]:
+        span: trace.Span | None = None
+        ctx: otel_context.Context | None = None
+        if self._tracer is not None:
+            method = details.method.decode() if isinstance(details.method, bytes) else details.method
+            attributes = self._attributes.get(method)
+            if attributes is None:
+                attributes = self._attributes.setdefault(method, _method_attributes(method))
+            span = self._tracer.start_span(method, kind=trace.SpanKind.CLIENT, attributes=attributes)
+            ctx = trace.set_span_in_context(span)
+        headers: dict[str, str] = {}
+        if ctx is not None or trace.get_current_span().get_span_context().is_valid:
+            _TRACECONTEXT.inject(headers, context=ctx)
         entries = tuple(baggage.get_all().items())
-        if not entries:
-            return details
-        try:
-            header = _baggage_header(entries)
-        except TypeError:  # a value that cannot be a cache key: encode it every time
-            header = _encode_baggage(entries)
-        if not header:
-            return details
+        if entries:
+            try:
+                header = _baggage_header(entries)
+            except TypeError:  # a value that cannot be a cache key: encode it every time
+                header = _encode_baggage(entries)
+            if header:
+                headers["baggage"] = header
+        if not headers:
+            return span, details
         metadata = grpc.aio.Metadata(*(details.metadata or ()))
-        metadata.add("baggage", header)
-        return grpc.aio.ClientCallDetails(
+        for key, value in headers.items():
+            metadata.add(key, value)
+        return span, grpc.aio.ClientCallDetails(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+    @staticmethod
+    def _finish(span: trace.Span, code: grpc.StatusCode | None, details: str = "") -> None:
+        if code is None:  # the call never started
+            span.set_status(Status(StatusCode.ERROR, details))
+        else:
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code is not grpc.StatusCode.OK:
+                span.set_status(Status(StatusCode.ERROR, details or code.name))
+        span.end()
 
-class _BaggageUnaryUnary(_BaggageOut, grpc.aio.UnaryUnaryClientInterceptor):
+    def _end_when_done(self, span: trace.Span, call: Any) -> None:
+        """End ``span`` with the status of a streaming ``call`` once it is done (its status is known by then)."""
+
+        async def finish() -> None:
+            try:
+                code, details = await call.code(), await call.details()
+            except BaseException:  # noqa: BLE001 - the span must end whatever the call did
+                code, details = grpc.StatusCode.CANCELLED, "cancelled"
+            self._finish(span, code, details)
+
+        def done(_: Any) -> None:
+            _end_tasks.add(task := asyncio.get_running_loop().create_task(finish()))
+            task.add_done_callback(_end_tasks.discard)
+
+        try:
+            call.add_done_callback(done)
+        except NotImplementedError:  # a call type without callbacks: end the span now
+            self._finish(span, None, "call without done callback")
+
+    async def _unary_response(self, continuation: Any, details: Any, request: Any) -> Any:
+        span, details = self._start(details)
+        if span is None:
+            return await continuation(details, request)
+        try:
+            call = await continuation(details, request)
+            code, text = await call.code(), await call.details()
+        except BaseException as exc:
+            self._finish(span, None, f"{type(exc).__name__}: {exc}")
+            raise
+        self._finish(span, code, text)
+        return call
+
+    async def _stream_response(self, continuation: Any, details: Any, request: Any) -> Any:
+        span, details = self._start(details)
+        if span is None:
+            return await continuation(details, request)
+        try:
+            call = await continuation(details, request)
+        except BaseException as exc:
+            self._finish(span, None, f"{type(exc).__name__}: {exc}")
+            raise
+        self._end_when_done(span, call)
+        return call
+
+
+#: Tasks that end the span of a finished stream (kept referenced until they have run).
+_end_tasks: set[asyncio.Task[None]] = set()
+
+
+class _UnaryUnary(_Outgoing, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await continuation(self._details(client_call_details), request)
+        return await self._unary_response(continuation, client_call_details, request)
 
 
-class _BaggageUnaryStream(_BaggageOut, grpc.aio.UnaryStreamClientInterceptor):
+class _UnaryStream(_Outgoing, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await continuation(self._details(client_call_details), request)
+        return await self._stream_response(continuation, client_call_details, request)
 
 
-class _BaggageStreamUnary(_BaggageOut, grpc.aio.StreamUnaryClientInterceptor):
+class _StreamUnary(_Outgoing, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
-        return await continuation(self._details(client_call_details), request_iterator)
+        return await self._unary_response(continuation, client_call_details, request_iterator)
 
 
-class _BaggageStreamStream(_BaggageOut, grpc.aio.StreamStreamClientInterceptor):
+class _StreamStream(_Outgoing, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
-        return await continuation(self._details(client_call_details), request_iterator)
+        return await self._stream_response(continuation, client_call_details, request_iterator)
 
 
-def baggage_client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    """Client interceptors that send the current W3C baggage on every call of an untraced channel.
+def client_interceptors(tracer: trace.Tracer | None = None) -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors that send the current W3C trace context and baggage on every call, each call in a CLIENT
+    span of ``tracer`` when one is given (tracing on).
 
     One object per call kind: grpc.aio files an interceptor under the first kind it implements only.
     """
-    return [_BaggageUnaryUnary(), _BaggageUnaryStream(), _BaggageStreamUnary(), _BaggageStreamStream()]
+    return [_UnaryUnary(tracer), _UnaryStream(tracer), _StreamUnary(tracer), _StreamStream(tracer)]

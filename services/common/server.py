@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common.auth_grpc import server_interceptors
 from services.common.interceptors import ErrorInterceptor, LogContextInterceptor
+from services.common.rpc_telemetry import ServerSpanInterceptor
 from services.common.settings import ServiceSettings
 from services.common.telemetry import Telemetry
 
@@ -64,9 +65,7 @@ class ServiceHost:
         self.telemetry = telemetry
         chain: list[grpc.aio.ServerInterceptor] = []
         if telemetry is not None and telemetry.tracing_enabled:
-            from opentelemetry.instrumentation.grpc import aio_server_interceptor
-
-            chain.append(aio_server_interceptor(tracer_provider=telemetry.tracer_provider))  # type: ignore[no-untyped-call]
+            chain.append(ServerSpanInterceptor(telemetry.tracer("costmesh.rpc")))
         auth = server_interceptors(settings.auth, domain=f"costmesh.{name}")
         chain += [LogContextInterceptor(), *auth, *interceptors, ErrorInterceptor(domain=f"costmesh.{name}")]
         self.server = grpc.aio.server(

@@ -17,7 +17,7 @@ from services.common.channels import channel_credentials, create_channel
 from services.common.rpc_telemetry import (
     AttributionBaggageInterceptor,
     RpcMetricsInterceptor,
-    baggage_client_interceptors,
+    client_interceptors,
     host_meter,
 )
 from services.common.server import full_service_name, make_host
@@ -41,13 +41,9 @@ async def serve(settings: RouterSettings) -> None:
     creds = channel_credentials(
         ca_file=settings.tls_ca_file, cert_file=settings.tls_cert_file, key_file=settings.tls_key_file
     )
-    interceptors: list[grpc.aio.ClientInterceptor] = []
-    if host.telemetry is not None and host.telemetry.tracing_enabled:
-        from opentelemetry.instrumentation.grpc import aio_client_interceptors
-
-        interceptors = list(aio_client_interceptors(tracer_provider=host.telemetry.tracer_provider))  # type: ignore[no-untyped-call]
-    else:  # untraced calls still carry tenant/team/feature as W3C baggage
-        interceptors = baggage_client_interceptors()
+    # Every call carries W3C trace context and baggage (tenant/team/feature), traced or not; traced, in a CLIENT span.
+    tracer = host.telemetry.tracer("costmesh.rpc") if host.telemetry and host.telemetry.tracing_enabled else None
+    interceptors = client_interceptors(tracer)
     interceptors += bearer_interceptors(settings.auth.outgoing_key())  # the router's service key, when set
 
     def channel(target: str, timeout_s: float) -> grpc.aio.Channel:

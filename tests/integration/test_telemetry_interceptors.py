@@ -1,16 +1,17 @@
 """The telemetry interceptors on a real loopback server: attribution as baggage, call metrics, failed-span status.
 
-A traced router-like hop: the client calls a server through the OpenTelemetry client interceptor while attribution
-baggage is set; the server (OpenTelemetry server interceptor, ``AttributionBaggageInterceptor``,
-``RpcMetricsInterceptor``, the shared ``ErrorInterceptor``) sees the baggage, times each call with its final status
-code, and marks the span of a call that failed.
+A traced router-like hop: the client calls a server through costmesh's client interceptors (and, for
+interoperability, through ``opentelemetry-instrumentation-grpc``'s) while attribution baggage is set; the server
+(``ServerSpanInterceptor``, ``AttributionBaggageInterceptor``, ``RpcMetricsInterceptor``, the shared
+``ErrorInterceptor``) continues the caller's trace, sees the baggage, times each call with its final status code, and
+marks the span of a call that failed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -31,7 +32,7 @@ from services.common.errors import ResourceExhausted
 from services.common.rpc_telemetry import (
     AttributionBaggageInterceptor,
     RpcMetricsInterceptor,
-    baggage_client_interceptors,
+    client_interceptors,
 )
 from services.common.server import ServiceHost, full_service_name
 from services.common.settings import ServiceSettings
@@ -52,8 +53,10 @@ class BaggageEcho(cache_pb2_grpc.CacheServiceServicer):
         raise RuntimeError("a bug in the servicer")
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[tuple[grpc.aio.Channel, InMemorySpanExporter, InMemoryMetricReader]]:
+@pytest.fixture(params=["costmesh", "opentelemetry"])
+async def served(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[tuple[grpc.aio.Channel, InMemorySpanExporter, InMemoryMetricReader]]:
     spans = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
@@ -73,9 +76,11 @@ async def served() -> AsyncIterator[tuple[grpc.aio.Channel, InMemorySpanExporter
         lambda server: cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server),
     )
     port = await host.start()
-    channel = grpc.aio.insecure_channel(
-        f"127.0.0.1:{port}", interceptors=aio_client_interceptors(tracer_provider=tracer_provider)
-    )
+    if request.param == "costmesh":
+        interceptors = client_interceptors(tracer_provider.get_tracer("costmesh.rpc"))
+    else:  # the library's client interceptors against costmesh's server ones
+        interceptors = aio_client_interceptors(tracer_provider=tracer_provider)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=interceptors)
     yield channel, spans, reader
     await channel.close()
     await host.stop()  # shuts the providers down too
@@ -117,6 +122,13 @@ async def test_baggage_reaches_the_server_and_request_fields_win(
     client = [s for s in spans.get_finished_spans() if s.kind is SpanKind.CLIENT]
     assert len(server) == len(client) == 2
     assert {s.parent.span_id for s in server if s.parent} == {c.context.span_id for c in client}
+    assert {s.context.trace_id for s in server} == {c.context.trace_id for c in client}
+    for span in (*server, *client):
+        attrs = dict(span.attributes or {})
+        assert span.name == "/costmesh.cache.v1.CacheService/Lookup"
+        assert attrs["rpc.system"] == "grpc" and attrs["rpc.service"] == "costmesh.cache.v1.CacheService"
+        assert attrs["rpc.method"] == "Lookup" and attrs["rpc.grpc.status_code"] == 0
+    assert dict(server[0].attributes or {})["net.peer.ip"] == "127.0.0.1"
 
 
 async def test_calls_are_timed_by_status_and_failed_spans_are_marked(
@@ -138,6 +150,16 @@ async def test_calls_are_timed_by_status_and_failed_spans_are_marked(
             (failed if s.status.status_code is StatusCode.ERROR else ok).append(s)
     assert len(failed) == len(ok) == 1
     assert dict(failed[0].attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    # the client side saw the same: one failed Lookup span, with the code the server sent
+    failed_client = [
+        s
+        for s in spans.get_finished_spans()
+        if s.kind is SpanKind.CLIENT and s.name.endswith("/Lookup") and s.status.status_code is StatusCode.ERROR
+    ]
+    assert len(failed_client) == 1
+    assert (
+        dict(failed_client[0].attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    )
 
 
 async def test_baggage_travels_without_tracing() -> None:
@@ -150,7 +172,7 @@ async def test_baggage_travels_without_tracing() -> None:
     )
     port = await host.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=baggage_client_interceptors()) as ch:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=client_interceptors()) as ch:
             stub = cache_pb2_grpc.CacheServiceStub(ch)
             with attribution_baggage(Attribution(tenant="acme", team="search", feature="faq")):
                 reply = await stub.Lookup(cache_pb2.LookupRequest(model="m"), timeout=10)
@@ -183,7 +205,7 @@ async def test_a_cancelled_stream_keeps_its_baggage_and_logs_no_context_error(
     )
     port = await host.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=baggage_client_interceptors()) as ch:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=client_interceptors()) as ch:
             request = infer_pb2.GenerateRequest(attribution=common_pb2.Attribution(tenant="acme"))
             call = infer_pb2_grpc.InferenceServiceStub(ch).Generate(request, timeout=10)
             first = await anext(call.__aiter__())
@@ -194,4 +216,85 @@ async def test_a_cancelled_stream_keeps_its_baggage_and_logs_no_context_error(
         await host.stop()
     gc.collect()  # a dropped stream is closed by the event loop's finalizer, in another context
     await asyncio.sleep(0.2)
+    assert not [r for r in caplog.records if r.name.startswith("opentelemetry") and r.levelname == "ERROR"]
+
+
+def traced_host(
+    name: str, module: Any, service: str, add: Callable[[grpc.aio.Server], None]
+) -> tuple[InMemorySpanExporter, TracerProvider, ServiceHost]:
+    """A host with tracing on (spans kept in memory) and the attribution interceptor, serving one service."""
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    host = ServiceHost(
+        name=name,
+        settings=ServiceSettings(),
+        telemetry=Telemetry(tracer_provider, MeterProvider(), tracing_enabled=True),
+        interceptors=[AttributionBaggageInterceptor()],
+    )
+    host.add_service(full_service_name(module, service), add)
+    return spans, tracer_provider, host
+
+
+async def test_an_untraced_channel_still_continues_the_current_trace() -> None:
+    """Tracing off in the caller's channel (no tracer): a span current in the caller still reaches the server."""
+    spans, tracer_provider, host = traced_host(
+        "cache",
+        cache_pb2,
+        "CacheService",
+        lambda server: cache_pb2_grpc.add_CacheServiceServicer_to_server(BaggageEcho(), server),
+    )
+    port = await host.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=client_interceptors()) as ch:
+            stub = cache_pb2_grpc.CacheServiceStub(ch)
+            with tracer_provider.get_tracer("test").start_as_current_span("caller") as caller:
+                await stub.Lookup(cache_pb2.LookupRequest(model="m"), timeout=10)
+            await stub.Lookup(cache_pb2.LookupRequest(model="m"), timeout=10)  # no current span: a new trace
+    finally:
+        await host.stop()
+    served_spans = [s for s in spans.get_finished_spans() if s.kind is SpanKind.SERVER]
+    assert len(served_spans) == 2
+    first, second = served_spans
+    assert first.parent is not None and first.parent.span_id == caller.get_span_context().span_id
+    assert first.parent.is_remote and first.context.trace_id == caller.get_span_context().trace_id
+    assert second.parent is None and second.context.trace_id != caller.get_span_context().trace_id
+
+
+async def test_a_traced_stream_ends_both_spans_with_the_status_of_the_call(caplog: pytest.LogCaptureFixture) -> None:
+    """A stream the client cancels after the first chunk, and one that completes: each CLIENT span ends with its
+    call's code and the SERVER span is its child; no context errors."""
+    spans, tracer_provider, host = traced_host(
+        "infer",
+        infer_pb2,
+        "InferenceService",
+        lambda server: infer_pb2_grpc.add_InferenceServiceServicer_to_server(EndlessStream(), server),
+    )
+    port = await host.start()
+    tracer = tracer_provider.get_tracer("costmesh.rpc")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=client_interceptors(tracer)) as ch:
+            stub = infer_pb2_grpc.InferenceServiceStub(ch)
+            call = stub.Generate(infer_pb2.GenerateRequest(attribution=common_pb2.Attribution(tenant="acme")))
+            first = await anext(call.__aiter__())
+            assert first.text == "acme"
+            call.cancel()
+            # a stream that times out on the server's side of things: DEADLINE_EXCEEDED
+            slow = stub.Generate(infer_pb2.GenerateRequest(), timeout=0.3)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in slow:
+                    await asyncio.sleep(0.05)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await asyncio.sleep(0.5)
+    finally:
+        await host.stop()
+    gc.collect()
+    await asyncio.sleep(0.2)
+    client = [s for s in spans.get_finished_spans() if s.kind is SpanKind.CLIENT]
+    server = [s for s in spans.get_finished_spans() if s.kind is SpanKind.SERVER]
+    codes = sorted(dict(s.attributes or {})["rpc.grpc.status_code"] for s in client)  # type: ignore[type-var]
+    assert codes == [grpc.StatusCode.CANCELLED.value[0], grpc.StatusCode.DEADLINE_EXCEEDED.value[0]]
+    assert all(s.status.status_code is StatusCode.ERROR for s in client)
+    assert len(server) == 2
+    assert {s.parent.span_id for s in server if s.parent} == {c.context.span_id for c in client}
     assert not [r for r in caplog.records if r.name.startswith("opentelemetry") and r.levelname == "ERROR"]
