@@ -4,8 +4,10 @@ For each hook a service calls once per request (router ``observe``, cache ``look
 ``committed``, infer ``generation``, ``rpc.server.duration``), the median time per call over many calls, measured
 twice: outside any span (metrics only) and inside a recording span (metrics + attributes; infer adds its
 first-token event). Then the time to render ``/metrics`` (Prometheus text) once the hooks have created a given number
-of label combinations (tenant × feature series). The end-to-end cost of tracing (export included) is measured by
-``bench/mesh.py --tracing``; this isolates the instruments.
+of label combinations (tenant × feature series). Then what encoding a finished span for OTLP export costs per span,
+with the exporter library's encoder and with costmesh's (``services/common/span_export.py``), on spans shaped like a
+router server span. The end-to-end cost of tracing (export included) is measured by ``bench/mesh.py --tracing``; this
+isolates the parts.
 
     .venv/bin/python bench/telemetry.py [--json PATH] [--calls N] [--quick]
 """
@@ -58,6 +60,13 @@ class Row:
     calls: int
     median_us: float
     p99_us: float
+
+
+@dataclass
+class EncodeRow:
+    encoder: str
+    spans: int
+    us_per_span: float  # median over repeats of (encode + serialize a 512-span batch) / 512
 
 
 @dataclass
@@ -167,6 +176,61 @@ def scrape_cost(series: int, repeats: int) -> ScrapeRow:
     return ScrapeRow(series, size, statistics.median(times))
 
 
+def encode_cost(batches: int) -> list[EncodeRow]:
+    """µs per span to build and serialize the OTLP request for 512 router-like spans, library vs costmesh."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as library
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.trace import SpanKind
+
+    from services.common.span_export import encode_spans as costmesh
+
+    finished: list[ReadableSpan] = []
+
+    class Keep(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            finished.extend(spans)
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider(resource=Resource.create({"service.name": "costmesh-router"}))
+    provider.add_span_processor(SimpleSpanProcessor(Keep()))
+    tracer = provider.get_tracer("costmesh.rpc")
+    for i in range(512):
+        attrs: dict[str, Any] = {
+            "rpc.system": "grpc",
+            "rpc.service": "costmesh.router.v1.RouterService",
+            "rpc.method": "Generate",
+            "rpc.grpc.status_code": 0,
+            "net.peer.ip": "127.0.0.1",
+            "net.peer.port": str(40000 + i % 50),
+            "gen_ai.operation.name": "chat",
+            "gen_ai.request.model": "cheap",
+            "gen_ai.request.max_tokens": 64,
+            "gen_ai.usage.input_tokens": 20 + i % 30,
+            "gen_ai.usage.output_tokens": 64,
+            "costmesh.cost.micros": 100 + i,
+            "costmesh.tier": "cheap",
+            "costmesh.route.score": 0.25,
+            "costmesh.cache.hit": i % 2 == 0,
+            "costmesh.tenant": f"tenant-{i % 4}",
+            "costmesh.feature": "chat",
+            "costmesh.request_id": f"req-{i}",
+        }
+        tracer.start_span("/costmesh.router.v1.RouterService/Generate", kind=SpanKind.SERVER, attributes=attrs).end()
+    provider.shutdown()
+    rows = []
+    for name, encode in (("opentelemetry-exporter-otlp (library)", library), ("costmesh span_export", costmesh)):
+        encode(finished).SerializeToString()  # warm
+        times = []
+        for _ in range(batches):
+            t0 = time.perf_counter()
+            encode(finished).SerializeToString()
+            times.append((time.perf_counter() - t0) / len(finished) * 1e6)
+        rows.append(EncodeRow(name, len(finished), round(statistics.median(times), 2)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=str, default=None, help="write the results here")
@@ -183,6 +247,7 @@ def main() -> None:
             median, p99 = time_hook(fn, calls, tracer if span else None)
             rows.append(Row(name, span, calls, round(median, 2), round(p99, 2)))
     provider.shutdown()
+    encodes = encode_cost(5 if args.quick else 30)
     scrapes = [
         scrape_cost(n, 5 if args.quick else 20) for n in ((10, 100, 1000) if args.quick else (10, 100, 1000, 5000))
     ]
@@ -191,6 +256,10 @@ def main() -> None:
     for r in rows:
         print(f"{r.hook:<36} {'yes' if r.span else 'no':>5} {r.calls:>7} {r.median_us:>10.2f} {r.p99_us:>8.2f}")
     print()
+    print(f"{'OTLP encoder (512 router-like spans)':<40} {'µs per span':>12}")
+    for e in encodes:
+        print(f"{e.encoder:<40} {e.us_per_span:>12.2f}")
+    print()
     print(f"{'series per router metric':>25} {'bytes':>10} {'render ms':>10}")
     for s in scrapes:
         print(f"{s.series_per_metric:>25} {s.bytes:>10} {s.median_ms:>10.2f}")
@@ -198,7 +267,14 @@ def main() -> None:
         env = {"python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count()}
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(
-                {"env": env, "hooks": [asdict(r) for r in rows], "scrape": [asdict(s) for s in scrapes]}, f, indent=2
+                {
+                    "env": env,
+                    "hooks": [asdict(r) for r in rows],
+                    "encode": [asdict(e) for e in encodes],
+                    "scrape": [asdict(s) for s in scrapes],
+                },
+                f,
+                indent=2,
             )
             f.write("\n")
 
