@@ -552,10 +552,12 @@ class Pipeline:
         self._background.add(fut)
         fut.add_done_callback(self._background.discard)
 
-    def _retry_later(self, what: str, call: Callable[[], Awaitable[object]], reservation_id: str) -> None:
-        self._background_task(self._settle_later(what, call, reservation_id))
+    def _retry_later(self, what: str, call: Callable[[], Awaitable[object]], ref: str) -> None:
+        """Retry ``call`` in the background; ``ref`` names what it settles in the logs: the reservation id of a
+        commit or release, the request id of a reconciled Reserve (whose reservation id was never received)."""
+        self._background_task(self._settle_later(what, call, ref))
 
-    async def _settle_later(self, what: str, call: Callable[[], Awaitable[object]], reservation_id: str) -> None:
+    async def _settle_later(self, what: str, call: Callable[[], Awaitable[object]], ref: str) -> None:
         """Retry an idempotent commit or release until the budget answers (bounded by ``settle_retry_s``)."""
         give_up_at = time.monotonic() + self.limits.settle_retry_s
         delay = 0.25
@@ -565,11 +567,11 @@ class Pipeline:
                 await call()
             except _TRANSIENT as err:
                 if time.monotonic() + delay > give_up_at:
-                    log.error("settle_gave_up", what=what, reservation_id=reservation_id, error=err.message)
+                    log.error("settle_gave_up", what=what, ref=ref, error=err.message)
                     return
                 delay = min(delay * 2, 5.0)
                 continue
-            log.info("settled_late", what=what, reservation_id=reservation_id)
+            log.info("settled_late", what=what, ref=ref)
             return
 
     def _settlement(self, attribution: Attribution, cache: CachePort | None) -> _Settlement:

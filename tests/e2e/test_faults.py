@@ -30,8 +30,7 @@ from costmesh.budget.v1 import budget_pb2, budget_pb2_grpc
 from costmesh.client import RouterClient
 from costmesh.common.v1 import common_pb2
 from costmesh.router.v1 import router_pb2, router_pb2_grpc
-from services.infer.models import ensure_local_models
-from tests.support.mesh import MODELS_DIR, Mesh, free_layout
+from tests.support.mesh import Mesh, free_layout, running
 from tests.support.redis_server import RedisServer
 from tests.support.traffic import Traffic, money, settled, track, user
 
@@ -50,18 +49,9 @@ def redis() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def mesh(redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    ensure_local_models(MODELS_DIR)
     layout = free_layout(tmp_path_factory.mktemp("mesh-faults"), redis_url=redis.url)
-    m = Mesh(layout, extra_env={"router": {"COSTMESH_ROUTER_GRACE_PERIOD_S": "2"}})
-    m.start()
-    try:
-        asyncio.run(m.wait_serving(timeout_s=900))
-    except TimeoutError:
-        logs = "\n".join(f"--- {n}\n{m.log(n)[-3000:]}" for n in m.procs)
-        m.stop()
-        pytest.fail(f"mesh did not start:\n{logs}")
-    yield m
-    m.stop()
+    with running(layout, {"router": {"COSTMESH_ROUTER_GRACE_PERIOD_S": "2"}}, timeout_s=900) as m:
+        yield m
 
 
 def tenant() -> str:

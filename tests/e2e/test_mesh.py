@@ -22,8 +22,7 @@ from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from costmesh.client import RouterClient
 from costmesh.common.v1 import common_pb2
 from costmesh.router.v1 import router_pb2
-from services.infer.models import ensure_local_models
-from tests.support.mesh import MODELS_DIR, Mesh, free_layout
+from tests.support.mesh import Mesh, free_layout, running
 from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
@@ -37,24 +36,17 @@ HARD = (
 
 @pytest.fixture(scope="module", params=["embedded", "redis"])
 def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    ensure_local_models(MODELS_DIR)
     redis: RedisServer | None = None
     if request.param == "redis":
         redis = RedisServer()
         redis.start()
     layout = free_layout(tmp_path_factory.mktemp(f"mesh-{request.param}"), redis_url=redis.url if redis else None)
-    m = Mesh(layout, extra_env={"router": {"COSTMESH_ROUTER_CACHE_WAIT_MS": "30000"}})
-    m.start()
     try:
-        asyncio.run(m.wait_serving(timeout_s=600))
-    except TimeoutError:
-        logs = "\n".join(f"--- {n}\n{m.log(n)[-3000:]}" for n in m.procs)
-        m.stop()
-        pytest.fail(f"mesh did not start:\n{logs}")
-    yield m
-    m.stop()
-    if redis is not None:
-        redis.stop()
+        with running(layout, {"router": {"COSTMESH_ROUTER_CACHE_WAIT_MS": "30000"}}) as m:
+            yield m
+    finally:
+        if redis is not None:
+            redis.stop()
 
 
 def tenant() -> str:

@@ -25,8 +25,7 @@ from costmesh.client import RouterClient
 from costmesh.common.v1 import common_pb2
 from costmesh.router.v1 import router_pb2, router_pb2_grpc
 from services.common import semconv as sc
-from services.infer.models import ensure_local_models
-from tests.support.mesh import MODELS_DIR, Mesh, free_layout
+from tests.support.mesh import Mesh, free_layout, running_async
 from tests.support.otlp import CLIENT, CONSUMER, SERVER, Span, SpanReceiver
 from tests.support.telemetry import exported_series
 
@@ -48,19 +47,10 @@ async def receiver() -> AsyncIterator[SpanReceiver]:
 
 @pytest.fixture(scope="module")
 async def mesh(receiver: SpanReceiver, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
-    ensure_local_models(MODELS_DIR)
     layout = free_layout(tmp_path_factory.mktemp("mesh-obs"), otlp_endpoint=f"127.0.0.1:{receiver.port}")
     debug = {"budget": {"COSTMESH_BUDGET_LOG_LEVEL": "debug"}, "cache": {"COSTMESH_CACHE_LOG_LEVEL": "debug"}}
-    m = Mesh(layout, extra_env={**debug, "router": {"COSTMESH_ROUTER_CACHE_WAIT_MS": "30000"}})
-    m.start()
-    try:
-        await m.wait_serving(timeout_s=600)
-    except TimeoutError:
-        logs = "\n".join(f"--- {n}\n{m.log(n)[-3000:]}" for n in m.procs)
-        m.stop()
-        pytest.fail(f"mesh did not start:\n{logs}")
-    yield m
-    m.stop()
+    async with running_async(layout, {**debug, "router": {"COSTMESH_ROUTER_CACHE_WAIT_MS": "30000"}}) as m:
+        yield m
 
 
 def new_tenant() -> str:

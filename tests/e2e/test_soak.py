@@ -14,8 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from bench.soak import SoakReport, print_report, soak
-from services.infer.models import ensure_local_models
-from tests.support.mesh import MODELS_DIR, Mesh, free_layout
+from tests.support.mesh import Mesh, free_layout, running
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
@@ -26,17 +25,8 @@ MAX_GROWTH_MIB = 64.0
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    ensure_local_models(MODELS_DIR)
-    m = Mesh(free_layout(tmp_path_factory.mktemp("mesh-soak")))
-    m.start()
-    try:
-        asyncio.run(m.wait_serving(timeout_s=900))
-    except TimeoutError:
-        logs = "\n".join(f"--- {n}\n{m.log(n)[-3000:]}" for n in m.procs)
-        m.stop()
-        pytest.fail(f"mesh did not start:\n{logs}")
-    yield m
-    m.stop()
+    with running(free_layout(tmp_path_factory.mktemp("mesh-soak")), timeout_s=900) as m:
+        yield m
 
 
 @pytest.fixture(scope="module")
