@@ -163,9 +163,9 @@ class ServerSpanInterceptor(WrappingInterceptor):
     """One SERVER span per inbound call, continuing the caller's W3C trace context (``traceparent``/``tracestate``).
 
     What ``opentelemetry-instrumentation-grpc``'s aio server interceptor records — span name ``/pkg.Service/Method``,
-    ``rpc.system``, ``rpc.service``, ``rpc.method``, ``rpc.grpc.status_code``, the peer, the user agent — at about
-    half its CPU per call (docs/telemetry.md, Cost of telemetry): the handler wrapper and the method's attributes are
-    built once per method instead of once per call, and only the trace context is extracted here — the call's
+    ``rpc.system``, ``rpc.service``, ``rpc.method``, ``rpc.grpc.status_code``, the peer, the user agent — for less
+    CPU per call (docs/telemetry.md, Cost of telemetry): the handler wrapper and the method's attributes are built once
+    per method instead of once per call, and only the trace context is extracted here — the call's
     baggage is :class:`AttributionBaggageInterceptor`'s, which parses each distinct header once. A failed call's
     status and code are set by :class:`RpcMetricsInterceptor`, which sees the status the client receives.
     """
