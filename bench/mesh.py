@@ -9,10 +9,12 @@ loopback ports, then, from this process (grpc.aio; the load generator shares the
 * **hit**: ``RouterService.Generate`` on prompts already in the cache (lookup + savings record only);
 
 each at concurrency 1 and 32 (``max_tokens`` 4, so the worker's own time stays small and steady), plus cache hits
-per second at concurrency 32. With ``--tracing`` the same run is repeated on a second mesh exporting every span
-(sample ratio 1.0) over OTLP/gRPC to a receiver in a process of its own, and the table shows tracing on versus off.
+per second at concurrency 32. With ``--tracing`` a second mesh exporting every span (sample ratio 1.0) over OTLP/gRPC
+to a receiver in a process of its own runs beside the first, and every row is measured on both in ``--rounds``
+alternating rounds, pooled per mesh: the drift of a shared machine falls on both alike instead of on whichever mesh
+ran second. The table shows tracing on versus off.
 
-    .venv/bin/python bench/mesh.py [--json PATH] [--requests N] [--tracing] [--quick]
+    .venv/bin/python bench/mesh.py [--json PATH] [--requests N] [--tracing [--rounds R]] [--quick]
 """
 
 from __future__ import annotations
@@ -111,70 +113,101 @@ class Sink(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
-async def measure(mesh: LocalMesh, label: str, n: int, concurrencies: tuple[int, ...]) -> list[Row]:
-    rows: list[Row] = []
-    run = uuid.uuid4().hex[:8]
-    md = (("x-costmesh-tenant", f"bench-{run}"), ("x-costmesh-feature", "bench"))
-    async with (
-        grpc.aio.insecure_channel(mesh.layout.target("router")) as rch,
-        grpc.aio.insecure_channel(mesh.layout.target("infer-cheap")) as ich,
-    ):
-        router = router_pb2_grpc.RouterServiceStub(rch)
-        infer = infer_pb2_grpc.InferenceServiceStub(ich)
+PATHS = ("direct infer", "router miss", "router hit")
 
-        async def direct(i: int, tag: str) -> None:
-            req = infer_pb2.GenerateRequest(
-                request_id=f"d-{tag}-{i}",
-                messages=user(f"direct {tag} {i}: what is {i} plus {i}?"),
-                sampling=sampling(),
-            )
-            async for _ in infer.Generate(req, timeout=120):
-                pass
 
-        async def miss(i: int, tag: str) -> None:
-            req = router_pb2.GenerateRequest(
-                messages=user(f"routed {tag} {i}: what is {i} plus {i}?"),
-                sampling=sampling(),
-                tier=common_pb2.TIER_CHEAP,
-            )
-            reply = await router.Generate(req, timeout=120, metadata=md)
-            assert not reply.result.cache_hit
+class Driver:
+    """The load of one mesh: channels, warm-up and the hot set of cached prompts, then one path at a time."""
 
-        hot = [f"hot question {k} of run {run}" for k in range(16)]
+    def __init__(self, mesh: LocalMesh, label: str) -> None:
+        self.mesh = mesh
+        self.label = label
+        self.run = uuid.uuid4().hex[:8]
+        self.md = (("x-costmesh-tenant", f"bench-{self.run}"), ("x-costmesh-feature", "bench"))
+        self.hot = [f"hot question {k} of run {self.run}" for k in range(16)]
+        self._rch = grpc.aio.insecure_channel(mesh.layout.target("router"))
+        self._ich = grpc.aio.insecure_channel(mesh.layout.target("infer-cheap"))
+        self.router = router_pb2_grpc.RouterServiceStub(self._rch)
+        self.infer = infer_pb2_grpc.InferenceServiceStub(self._ich)
+        self._seq = 0
 
-        async def hit(i: int) -> None:
-            req = router_pb2.GenerateRequest(
-                messages=user(hot[i % len(hot)]), sampling=sampling(), tier=common_pb2.TIER_CHEAP
-            )
-            reply = await router.Generate(req, timeout=60, metadata=md)
-            assert reply.result.cache_hit
+    async def close(self) -> None:
+        await self._rch.close()
+        await self._ich.close()
 
-        # warm up: connections, tokenizer, engine, fill the hot set
+    async def direct(self, i: int, tag: str) -> None:
+        req = infer_pb2.GenerateRequest(
+            request_id=f"d-{tag}-{i}", messages=user(f"direct {tag} {i}: what is {i} plus {i}?"), sampling=sampling()
+        )
+        async for _ in self.infer.Generate(req, timeout=120):
+            pass
+
+    async def miss(self, i: int, tag: str) -> None:
+        req = router_pb2.GenerateRequest(
+            messages=user(f"routed {tag} {i}: what is {i} plus {i}?"), sampling=sampling(), tier=common_pb2.TIER_CHEAP
+        )
+        reply = await self.router.Generate(req, timeout=120, metadata=self.md)
+        assert not reply.result.cache_hit
+
+    async def hit(self, i: int) -> None:
+        req = router_pb2.GenerateRequest(
+            messages=user(self.hot[i % len(self.hot)]), sampling=sampling(), tier=common_pb2.TIER_CHEAP
+        )
+        reply = await self.router.Generate(req, timeout=60, metadata=self.md)
+        assert reply.result.cache_hit
+
+    async def warm(self) -> None:
+        """Connections, tokenizer, engine; then fill the hot set."""
         for k in range(8):
-            await direct(k, "warm")
-            await miss(k, f"warm-{label}")
-        for i in range(len(hot)):
-            req = router_pb2.GenerateRequest(messages=user(hot[i]), sampling=sampling(), tier=common_pb2.TIER_CHEAP)
-            await router.Generate(req, timeout=120, metadata=md)
+            await self.direct(k, f"warm-{self.run}")
+            await self.miss(k, f"warm-{self.run}")
+        for prompt in self.hot:
+            req = router_pb2.GenerateRequest(messages=user(prompt), sampling=sampling(), tier=common_pb2.TIER_CHEAP)
+            await self.router.Generate(req, timeout=120, metadata=self.md)
         await asyncio.sleep(0.5)  # fills are written in the background
 
-        for c in concurrencies:
-            for path, fn in (
-                ("direct infer", lambda i, c=c: direct(i, f"c{c}")),
-                ("router miss", lambda i, c=c: miss(i, f"{label}-c{c}")),
-                ("router hit", hit),
-            ):
-                count = n if path != "router hit" else n * 4
-                errors: dict[str, int] = {}
-                lat, wall = await run_load(fn, count, c, errors)
+    async def load(self, path: str, count: int, c: int, errors: dict[str, int]) -> tuple[list[float], float]:
+        self._seq += 1
+        tag = f"{self.run}-{self._seq}"  # unique prompts on every round: a miss stays a miss
+        fn: Callable[[int], Awaitable[None]]
+        if path == "direct infer":
+            fn = lambda i: self.direct(i, tag)  # noqa: E731
+        elif path == "router miss":
+            fn = lambda i: self.miss(i, tag)  # noqa: E731
+        else:
+            fn = self.hit
+        return await run_load(fn, count, c, errors)
+
+
+async def measure(drivers: list[Driver], n: int, concurrencies: tuple[int, ...], rounds: int) -> list[Row]:
+    """Every (concurrency, path) measured on each mesh in ``rounds`` alternating rounds of ``n / rounds`` requests
+    (hits: 4x), pooled per mesh: with two meshes up, slow drift of a shared machine falls on both alike."""
+    for d in drivers:
+        await d.warm()
+    rows: list[Row] = []
+    for c in concurrencies:
+        for path in PATHS:
+            count = n if path != "router hit" else n * 4
+            per_round = max(1, count // rounds)
+            pooled: dict[str, tuple[list[float], float, dict[str, int]]] = {d.label: ([], 0.0, {}) for d in drivers}
+            for r in range(rounds):
+                for d in drivers if r % 2 == 0 else list(reversed(drivers)):
+                    lat, wall, errors = pooled[d.label]
+                    more, took = await d.load(path, per_round, c, errors)
+                    lat.extend(more)
+                    pooled[d.label] = (lat, wall + took, errors)
+            for d in drivers:
+                lat, wall, errors = pooled[d.label]
                 rows.append(
-                    Row(label, path, c, len(lat), statistics.median(lat), pct(lat, 0.99), len(lat) / wall, errors)
+                    Row(d.label, path, c, len(lat), statistics.median(lat), pct(lat, 0.99), len(lat) / wall, errors)
                 )
                 print(
-                    f"  {label:<11} {path:<13} c={c:<3} p50 {rows[-1].p50_ms:7.2f} ms  p99 {rows[-1].p99_ms:7.2f} ms"
+                    f"  {d.label:<11} {path:<13} c={c:<3} p50 {rows[-1].p50_ms:7.2f} ms  p99 {rows[-1].p99_ms:7.2f} ms"
                     f"  {rows[-1].rps:8.1f} req/s  errors {errors or 0}",
                     flush=True,
                 )
+    for d in drivers:
+        await d.close()
     return rows
 
 
@@ -246,32 +279,38 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200, help="requests per measurement (hits: 4x)")
     parser.add_argument("--tracing", action="store_true", help="repeat with OTLP export of every span")
     parser.add_argument("--quick", action="store_true", help="few requests (smoke run)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per row with --tracing")
     args = parser.parse_args()
     if args.sink:
         run_sink(int(args.sink[0]), Path(args.sink[1]))
         return 0
     n = 30 if args.quick else args.requests
+    rounds = max(1, args.rounds) if args.tracing else 1
     ensure_local_models(MODELS)
     rows: list[Row] = []
     spans = 0
     with tempfile.TemporaryDirectory(prefix="costmesh-bench-") as tmp:
-        print("mesh without tracing: starting", flush=True)
-        mesh = start_mesh(Path(tmp) / "plain", None)
+        meshes: list[tuple[str, LocalMesh]] = []
+        sink: subprocess.Popen[bytes] | None = None
+        count_file = Path(tmp) / "spans"
         try:
-            rows += asyncio.run(measure(mesh, "off", n, (1, 32)))
+            print("mesh without tracing: starting", flush=True)
+            meshes.append(("off", start_mesh(Path(tmp) / "plain", None)))
+            if args.tracing:
+                # The receiver runs in its own process (as a collector would), not in the load generator's.
+                port = free_port()
+                sink = subprocess.Popen([sys.executable, __file__, "--sink", str(port), str(count_file)])
+                print("mesh with tracing (OTLP, sample ratio 1.0): starting", flush=True)
+                meshes.append(("on (100%)", start_mesh(Path(tmp) / "traced", f"127.0.0.1:{port}")))
+
+            async def bench() -> list[Row]:
+                return await measure([Driver(m, label) for label, m in meshes], n, (1, 32), rounds)
+
+            rows += asyncio.run(bench())
         finally:
-            mesh.stop()
-        if args.tracing:
-            # The receiver runs in its own process (as a collector would), not in the load generator's.
-            count_file = Path(tmp) / "spans"
-            port = free_port()
-            sink = subprocess.Popen([sys.executable, __file__, "--sink", str(port), str(count_file)])
-            print("mesh with tracing (OTLP, sample ratio 1.0): starting", flush=True)
-            mesh = start_mesh(Path(tmp) / "traced", f"127.0.0.1:{port}")
-            try:
-                rows += asyncio.run(measure(mesh, "on (100%)", n, (1, 32)))
-            finally:
-                mesh.stop()  # the services flush their last spans on shutdown
+            for _, m in meshes:
+                m.stop()  # the services flush their last spans on shutdown
+            if sink is not None:
                 sink.send_signal(signal.SIGTERM)
                 sink.wait(30)
                 spans = int(count_file.read_text()) if count_file.exists() else 0
@@ -301,6 +340,7 @@ def main() -> int:
                     },
                     "max_tokens": MAX_TOKENS,
                     "requests": n,
+                    "rounds": rounds,
                     "rows": [asdict(r) for r in rows],
                     "summary": summary,
                     "spans_exported": spans,
