@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote
 
@@ -174,7 +174,7 @@ class ServerSpanInterceptor(WrappingInterceptor):
         self._tracer = tracer
         self._wrapped = WrappedHandlers(self._unary, self._stream)
 
-    def _start(self, method: str, attributes: dict[str, str | int], context: Any) -> trace.Span:
+    def _start(self, method: str, attributes: Mapping[str, str | int], context: Any) -> trace.Span:
         carrier: dict[str, str] = {}
         attrs = dict(attributes)
         for key, value in context.invocation_metadata() or ():
@@ -221,8 +221,10 @@ _TRACECONTEXT = TraceContextTextMapPropagator()
 _TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 
 
-def _method_attributes(method: str) -> dict[str, str | int]:
-    """The span attributes every call of ``method`` (``/pkg.Service/Method``) has; the status code until it fails."""
+@functools.lru_cache(maxsize=1024)
+def _method_attributes(method: str) -> Mapping[str, str | int]:
+    """The span attributes every call of ``method`` (``/pkg.Service/Method``) has; the status code until it fails.
+    Built once per method and shared: read only (a span copies the attributes it starts with)."""
     service, _, name = method.lstrip("/").partition("/")
     return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name, "rpc.grpc.status_code": 0}
 
@@ -237,8 +239,9 @@ def _peer_attributes(peer: str) -> tuple[tuple[str, str], ...]:
     ip, _, port = address.rpartition(":")
     if not ip:
         return ()
-    out = [("net.peer.ip", unquote(ip)), ("net.peer.port", port)]
-    if unquote(ip) in ("[::1]", "127.0.0.1"):
+    ip = unquote(ip)
+    out = [("net.peer.ip", ip), ("net.peer.port", port)]
+    if ip in ("[::1]", "127.0.0.1"):
         out.append(("net.peer.name", "localhost"))
     return tuple(out)
 
@@ -344,17 +347,13 @@ class _Outgoing:
 
     def __init__(self, tracer: trace.Tracer | None) -> None:
         self._tracer = tracer
-        self._attributes: dict[str, dict[str, str | int]] = {}
 
     def _start(self, details: grpc.aio.ClientCallDetails) -> tuple[trace.Span | None, grpc.aio.ClientCallDetails]:
         span: trace.Span | None = None
         ctx: otel_context.Context | None = None
         if self._tracer is not None:
             method = details.method.decode() if isinstance(details.method, bytes) else details.method
-            attributes = self._attributes.get(method)
-            if attributes is None:
-                attributes = self._attributes.setdefault(method, _method_attributes(method))
-            span = self._tracer.start_span(method, kind=trace.SpanKind.CLIENT, attributes=attributes)
+            span = self._tracer.start_span(method, kind=trace.SpanKind.CLIENT, attributes=_method_attributes(method))
             ctx = trace.set_span_in_context(span)
         headers: dict[str, str] = {}
         if ctx is not None or trace.get_current_span().get_span_context().is_valid:
