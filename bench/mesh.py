@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -169,13 +170,10 @@ class Driver:
     async def load(self, path: str, count: int, c: int, errors: dict[str, int]) -> tuple[list[float], float]:
         self._seq += 1
         tag = f"{self.run}-{self._seq}"  # unique prompts on every round: a miss stays a miss
-        fn: Callable[[int], Awaitable[None]]
-        if path == "direct infer":
-            fn = lambda i: self.direct(i, tag)  # noqa: E731
-        elif path == "router miss":
-            fn = lambda i: self.miss(i, tag)  # noqa: E731
-        else:
-            fn = self.hit
+        fn: Callable[[int], Awaitable[None]] = {
+            "direct infer": functools.partial(self.direct, tag=tag),
+            "router miss": functools.partial(self.miss, tag=tag),
+        }.get(path, self.hit)
         return await run_load(fn, count, c, errors)
 
 
@@ -189,15 +187,16 @@ async def measure(drivers: list[Driver], n: int, concurrencies: tuple[int, ...],
         for path in PATHS:
             count = n if path != "router hit" else n * 4
             per_round = max(1, count // rounds)
-            pooled: dict[str, tuple[list[float], float, dict[str, int]]] = {d.label: ([], 0.0, {}) for d in drivers}
+            lats: dict[str, list[float]] = {d.label: [] for d in drivers}
+            walls = dict.fromkeys(lats, 0.0)
+            errs: dict[str, dict[str, int]] = {label: {} for label in lats}
             for r in range(rounds):
                 for d in drivers if r % 2 == 0 else list(reversed(drivers)):
-                    lat, wall, errors = pooled[d.label]
-                    more, took = await d.load(path, per_round, c, errors)
-                    lat.extend(more)
-                    pooled[d.label] = (lat, wall + took, errors)
+                    more, took = await d.load(path, per_round, c, errs[d.label])
+                    lats[d.label].extend(more)
+                    walls[d.label] += took
             for d in drivers:
-                lat, wall, errors = pooled[d.label]
+                lat, wall, errors = lats[d.label], walls[d.label], errs[d.label]
                 rows.append(
                     Row(d.label, path, c, len(lat), statistics.median(lat), pct(lat, 0.99), len(lat) / wall, errors)
                 )

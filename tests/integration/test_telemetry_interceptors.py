@@ -57,24 +57,18 @@ class BaggageEcho(cache_pb2_grpc.CacheServiceServicer):
 async def served(
     request: pytest.FixtureRequest,
 ) -> AsyncIterator[tuple[grpc.aio.Channel, InMemorySpanExporter, InMemoryMetricReader]]:
-    spans = InMemorySpanExporter()
-    tracer_provider = TracerProvider()
-    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])
     rpc_metrics = RpcMetricsInterceptor()
-    host = ServiceHost(
-        name="cache",
-        settings=ServiceSettings(),
-        telemetry=Telemetry(tracer_provider, meter_provider, tracing_enabled=True),
-        interceptors=[AttributionBaggageInterceptor(), rpc_metrics],
+    spans, tracer_provider, host = traced_host(
+        "cache",
+        cache_pb2,
+        "CacheService",
+        lambda server: cache_pb2_grpc.add_CacheServiceServicer_to_server(BaggageEcho(), server),
+        meter_provider=meter_provider,
+        rpc_metrics=rpc_metrics,
     )
     rpc_metrics.bind(meter_provider.get_meter("test"))
-    servicer = BaggageEcho()
-    host.add_service(
-        full_service_name(cache_pb2, "CacheService"),
-        lambda server: cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server),
-    )
     port = await host.start()
     if request.param == "costmesh":
         interceptors = client_interceptors(tracer_provider.get_tracer("costmesh.rpc"))
@@ -220,17 +214,24 @@ async def test_a_cancelled_stream_keeps_its_baggage_and_logs_no_context_error(
 
 
 def traced_host(
-    name: str, module: Any, service: str, add: Callable[[grpc.aio.Server], None]
+    name: str,
+    module: Any,
+    service: str,
+    add: Callable[[grpc.aio.Server], None],
+    *,
+    meter_provider: MeterProvider | None = None,
+    rpc_metrics: RpcMetricsInterceptor | None = None,
 ) -> tuple[InMemorySpanExporter, TracerProvider, ServiceHost]:
-    """A host with tracing on (spans kept in memory) and the attribution interceptor, serving one service."""
+    """A host with tracing on (spans kept in memory) and the attribution interceptor (then ``rpc_metrics``, when
+    given), serving one service."""
     spans = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
     host = ServiceHost(
         name=name,
         settings=ServiceSettings(),
-        telemetry=Telemetry(tracer_provider, MeterProvider(), tracing_enabled=True),
-        interceptors=[AttributionBaggageInterceptor()],
+        telemetry=Telemetry(tracer_provider, meter_provider or MeterProvider(), tracing_enabled=True),
+        interceptors=[AttributionBaggageInterceptor(), *([rpc_metrics] if rpc_metrics else [])],
     )
     host.add_service(full_service_name(module, service), add)
     return spans, tracer_provider, host
@@ -262,8 +263,8 @@ async def test_an_untraced_channel_still_continues_the_current_trace() -> None:
 
 
 async def test_a_traced_stream_ends_both_spans_with_the_status_of_the_call(caplog: pytest.LogCaptureFixture) -> None:
-    """A stream the client cancels after the first chunk, and one that completes: each CLIENT span ends with its
-    call's code and the SERVER span is its child; no context errors."""
+    """A stream the client cancels after the first chunk, and one whose deadline passes mid-stream: each CLIENT span
+    ends with its call's code and the SERVER span is its child; no context errors."""
     spans, tracer_provider, host = traced_host(
         "infer",
         infer_pb2,
