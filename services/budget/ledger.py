@@ -60,6 +60,8 @@ _TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: Largest token count one request may carry.
 MAX_REQUEST_TOKENS = 10**9
+#: Most records one RecordSavingsBatch may carry.
+MAX_SAVINGS_BATCH = 1000
 OPEN_PREFIX = "open_"
 
 
@@ -222,6 +224,17 @@ def _check_attribution(v: Validator, a: Attribution, prefix: str = "attribution"
     _check_text(v, a.end_user, f"{prefix}.end_user", 128)
 
 
+def _check_savings(v: Validator, r: SavingsInput, prefix: str, max_micros: int) -> None:
+    """The fields of one RecordSavingsRequest; ``prefix`` is "" for the single RPC, ``records[i].`` in a batch."""
+    _check_text(v, r.request_id, prefix + "request_id", 128, required=True)
+    _check_attribution(v, r.attribution, prefix + "attribution")
+    _check_amount(v, r.saved_micros, prefix + "saved_micros", max_micros)
+    if r.reason not in (1, 2):
+        v.add(prefix + "reason", "required: CACHE_HIT or ROUTING", "REQUIRED")
+    _check_text(v, r.model, prefix + "model", 128)
+    _check_tier(v, r.tier, prefix + "tier")
+
+
 def _check_tier(v: Validator, tier: int, path: str) -> None:
     if tier not in Tier._value2member_map_:
         v.add(path, "unknown tier", "UNKNOWN_ENUM")
@@ -301,7 +314,7 @@ def _unavailable(err: StoreUnavailable) -> Unavailable:
 
 
 class BudgetLedger:
-    """Reserve / Commit / Release / RecordSavings / SetBudget / GetBudget / GetUsage over a store."""
+    """Reserve / Commit / Release / RecordSavings(Batch) / SetBudget / GetBudget / GetUsage over a store."""
 
     def __init__(
         self,
@@ -494,33 +507,62 @@ class BudgetLedger:
 
     # Savings ----------------------------------------------------------------------------------------------
 
-    async def record_savings(self, req: SavingsInput) -> bool:
+    async def record_savings(self, records: Sequence[SavingsInput], *, tenant: str | None = None) -> list[bool]:
+        """Record savings; ``replayed`` per record, in order. ``tenant`` None: one RecordSavings (exactly one record,
+        field paths as in RecordSavingsRequest). Else a RecordSavingsBatch of that tenant: 1 to
+        :data:`MAX_SAVINGS_BATCH` records with distinct request ids, each of ``tenant`` (paths ``records[i].…``).
+        All or nothing: any bad field rejects the whole call before the store is touched."""
         v = Validator()
-        _check_text(v, req.request_id, "request_id", 128, required=True)
-        _check_attribution(v, req.attribution)
-        _check_amount(v, req.saved_micros, "saved_micros", self._s.max_request_micros)
-        if req.reason not in (1, 2):
-            v.add("reason", "required: CACHE_HIT or ROUTING", "REQUIRED")
-        _check_text(v, req.model, "model", 128)
-        _check_tier(v, req.tier, "tier")
-        v.raise_if_any("invalid RecordSavingsRequest")
-        a = req.attribution
-        cmd = SavingsCommand(
-            tenant=a.tenant,
-            request_id=req.request_id,
-            dims=UsageDims(a.team, a.feature, req.model, req.tier, a.end_user),
-            saved_micros=req.saved_micros,
-            cache_hit=req.reason == 1,
-            at=buckets(self._clock()),
-            retention_ms=self._s.retention_s * 1000,
-        )
+        if tenant is None:
+            if len(records) != 1:
+                raise ValueError("record_savings without a batch tenant takes exactly one record")
+            _check_savings(v, records[0], "", self._s.max_request_micros)
+            v.raise_if_any("invalid RecordSavingsRequest")
+        else:
+            self._check_savings_batch(v, records, tenant)
+            v.raise_if_any("invalid RecordSavingsBatchRequest")
+        at = buckets(self._clock())
+        cmds = [
+            SavingsCommand(
+                tenant=r.attribution.tenant,
+                request_id=r.request_id,
+                dims=UsageDims(r.attribution.team, r.attribution.feature, r.model, r.tier, r.attribution.end_user),
+                saved_micros=r.saved_micros,
+                cache_hit=r.reason == 1,
+                at=at,
+                retention_ms=self._s.retention_s * 1000,
+            )
+            for r in records
+        ]
         try:
-            return await self._store.record_savings(cmd)
+            return await self._store.record_savings(cmds)
         except StoreUnavailable as err:
             if not self._s.fail_open:
                 raise _unavailable(err) from err
-            log.error("budget_savings_unrecorded", request_id=req.request_id, error=str(err))
-            return False
+            log.error(
+                "budget_savings_unrecorded",
+                request_ids=[r.request_id for r in records],
+                saved_micros=sum(r.saved_micros for r in records),
+                error=str(err),
+            )
+            return [False] * len(records)
+
+    def _check_savings_batch(self, v: Validator, records: Sequence[SavingsInput], tenant: str) -> None:
+        _check_tenant(v, tenant, "tenant")
+        if not records:
+            v.add("records", f"1 to {MAX_SAVINGS_BATCH} records required", "REQUIRED")
+        elif len(records) > MAX_SAVINGS_BATCH:
+            v.add("records", f"at most {MAX_SAVINGS_BATCH} records", "TOO_MANY")
+            return  # the count alone rejects it: no point checking thousands of records
+        seen: set[str] = set()
+        for i, r in enumerate(records):
+            prefix = f"records[{i}]."
+            _check_savings(v, r, prefix, self._s.max_request_micros)
+            if r.request_id and r.request_id in seen:
+                v.add(prefix + "request_id", "request ids of a batch must be distinct", "DUPLICATE")
+            seen.add(r.request_id)
+            if tenant and r.attribution.tenant and r.attribution.tenant != tenant:
+                v.add(prefix + "attribution.tenant", "must be empty or the batch's tenant", "TENANT_MISMATCH")
 
     # Admin ------------------------------------------------------------------------------------------------
 

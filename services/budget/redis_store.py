@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ClusterDownError, ConnectionError, RedisClusterException, TimeoutError
+from redis.exceptions import ClusterDownError, ConnectionError, NoScriptError, RedisClusterException, TimeoutError
 
 from services.budget import redis_scripts
 from services.budget.model import (
@@ -309,27 +309,47 @@ class RedisBudgetStore:
 
     # -- savings and usage ------------------------------------------------------------------------------------
 
-    async def record_savings(self, cmd: SavingsCommand) -> bool:
+    async def record_savings(self, cmds: Sequence[SavingsCommand]) -> list[bool]:
+        """Each distinct tenant registered once, then one non-transactional pipeline of SAVINGS calls (one round trip
+        on standalone Redis; one per node on a cluster, the nodes in parallel). Idempotent per command, so no
+        MULTI is needed.
+
+        EVALSHA is queued as a raw command: a pipeline given a ``Script`` asks SCRIPT EXISTS first (an extra round
+        trip), and redis-py's cluster pipeline refuses ``.evalsha`` for no stated reason (redis/redis-py#2914,
+        lifted upstream in #4206) while routing a raw EVALSHA by its keys like any keyed command. A command answered
+        NOSCRIPT (a restart or SCRIPT FLUSH) did not run, so it is retried alone through the ``Script``, which
+        reloads it (on every primary of a cluster)."""
+        for tenant in dict.fromkeys(cmd.tenant for cmd in cmds):
+            await self._register_tenant(tenant)
+        calls = [self._savings_call(cmd) for cmd in cmds]
+        pipe = self._r.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.execute_command("EVALSHA", self._savings.sha, len(keys), *keys, *args)
+        replies = await self._io(pipe.execute(raise_on_error=False))
+        for i, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError):
+                keys, args = calls[i]
+                replies[i] = await self._io(self._savings(keys=keys, args=args))
+            elif isinstance(reply, Exception):
+                raise reply
+        return [int(reply) == 1 for reply in replies]
+
+    def _savings_call(self, cmd: SavingsCommand) -> tuple[list[str], list[Any]]:
         p = tenant_prefix(cmd.tenant)
-        await self._register_tenant(cmd.tenant)
         at = cmd.at
-        reply = await self._io(
-            self._savings(
-                keys=[p + ":sav", p + ":savgc", *self._usage_keys(p, at), p + ":meta"],
-                args=[
-                    at.now_ms,
-                    cmd.request_id,
-                    cmd.dims.encode(),
-                    cmd.saved_micros,
-                    int(cmd.cache_hit),
-                    at.now_ms + cmd.retention_ms,
-                    self._minute_ttl,
-                    self._hour_ttl,
-                    self._gc_now(),
-                ],
-            )
-        )
-        return int(reply) == 1
+        keys = [p + ":sav", p + ":savgc", *self._usage_keys(p, at), p + ":meta"]
+        args = [
+            at.now_ms,
+            cmd.request_id,
+            cmd.dims.encode(),
+            cmd.saved_micros,
+            int(cmd.cache_hit),
+            at.now_ms + cmd.retention_ms,
+            self._minute_ttl,
+            self._hour_ttl,
+            self._gc_now(),
+        ]
+        return keys, args
 
     async def usage(self, tenant: str, cells: Sequence[tuple[str, int]]) -> list[UsageRecord]:
         p = tenant_prefix(tenant)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -29,9 +30,10 @@ from services.common.pricing import TokenUsage
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _attribution(msg: common_pb2.Attribution, context: Context) -> Attribution:
+def _attribution(msg: common_pb2.Attribution, context: Context, fallback: Attribution | None = None) -> Attribution:
+    """``msg`` with its empty fields taken from ``fallback`` (default: the call's attribution metadata)."""
     own = Attribution(tenant=msg.tenant, team=msg.team, feature=msg.feature, end_user=msg.end_user)
-    return own.merged_with(from_metadata(context.invocation_metadata()))
+    return own.merged_with(fallback or from_metadata(context.invocation_metadata()))
 
 
 def _tenant(value: str, context: Context) -> str:
@@ -40,6 +42,17 @@ def _tenant(value: str, context: Context) -> str:
 
 def _usage(msg: common_pb2.Usage) -> TokenUsage:
     return TokenUsage(msg.input_tokens, msg.output_tokens, msg.cached_input_tokens)
+
+
+def _savings(msg: budget_pb2.RecordSavingsRequest, attribution: Attribution) -> SavingsInput:
+    return SavingsInput(
+        request_id=msg.request_id,
+        attribution=attribution,
+        saved_micros=msg.saved_micros,
+        reason=int(msg.reason),
+        model=msg.model,
+        tier=int(msg.tier),
+    )
 
 
 def scope_to_proto(scope: Scope) -> budget_pb2.Scope:
@@ -183,17 +196,21 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
     async def RecordSavings(
         self, request: budget_pb2.RecordSavingsRequest, context: Context
     ) -> budget_pb2.RecordSavingsResponse:
-        inp = SavingsInput(
-            request_id=request.request_id,
-            attribution=_attribution(request.attribution, context),
-            saved_micros=request.saved_micros,
-            reason=int(request.reason),
-            model=request.model,
-            tier=int(request.tier),
-        )
-        replayed = await self._ledger.record_savings(inp)
+        inp = _savings(request, _attribution(request.attribution, context))
+        (replayed,) = await self._ledger.record_savings([inp])
         self._metrics.savings(inp, replayed=replayed)
         return budget_pb2.RecordSavingsResponse(replayed=replayed)
+
+    async def RecordSavingsBatch(
+        self, request: budget_pb2.RecordSavingsBatchRequest, context: Context
+    ) -> budget_pb2.RecordSavingsBatchResponse:
+        tenant = _tenant(request.tenant, context)
+        # A record's empty tenant is the batch's; its other empty fields come from the call's metadata, as above.
+        fallback = replace(from_metadata(context.invocation_metadata()), tenant=tenant)
+        records = [_savings(r, _attribution(r.attribution, context, fallback)) for r in request.records]
+        replayed = await self._ledger.record_savings(records, tenant=tenant)
+        self._metrics.savings_batch(tenant, records, replayed)
+        return budget_pb2.RecordSavingsBatchResponse(replayed=replayed)
 
     async def SetBudget(self, request: budget_pb2.SetBudgetRequest, context: Context) -> budget_pb2.SetBudgetResponse:
         policy = await self._ledger.set_budget(policy_from_proto(request.policy))

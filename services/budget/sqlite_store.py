@@ -477,17 +477,19 @@ class SqliteBudgetStore:
 
     # -- savings and usage ------------------------------------------------------------------------------------
 
-    async def record_savings(self, cmd: SavingsCommand) -> bool:
-        def _savings(c: sqlite3.Connection) -> bool:
-            cur = c.execute(
-                "INSERT OR IGNORE INTO savings_key (tenant, request_id, gc_ms) VALUES (?, ?, ?)",
-                (cmd.tenant, cmd.request_id, cmd.at.now_ms + cmd.retention_ms),
-            )
-            if cur.rowcount == 0:
-                return True
-            counters = UsageCounters(saved_micros=cmd.saved_micros, cache_hits=int(cmd.cache_hit))
-            self._add_usage(c, cmd.tenant, cmd.dims, counters, cmd.at)
-            return False
+    async def record_savings(self, cmds: Sequence[SavingsCommand]) -> list[bool]:
+        def _savings(c: sqlite3.Connection) -> list[bool]:
+            replayed: list[bool] = []
+            for cmd in cmds:
+                cur = c.execute(
+                    "INSERT OR IGNORE INTO savings_key (tenant, request_id, gc_ms) VALUES (?, ?, ?)",
+                    (cmd.tenant, cmd.request_id, cmd.at.now_ms + cmd.retention_ms),
+                )
+                replayed.append(cur.rowcount == 0)
+                if cur.rowcount:
+                    counters = UsageCounters(saved_micros=cmd.saved_micros, cache_hits=int(cmd.cache_hit))
+                    self._add_usage(c, cmd.tenant, cmd.dims, counters, cmd.at)
+            return replayed
 
         return await self._call(self._tx, _savings)
 

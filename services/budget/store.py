@@ -120,8 +120,10 @@ class BudgetStore(Protocol):
 
     async def release(self, tenant: str, reservation_id: str, *, at: Buckets) -> ReleaseOutcome: ...
 
-    async def record_savings(self, cmd: SavingsCommand) -> bool:
-        """Add savings to the usage rollups; True when ``request_id`` was already recorded (nothing changes)."""
+    async def record_savings(self, cmds: Sequence[SavingsCommand]) -> list[bool]:
+        """Add savings to the usage rollups: one transaction (SQLite) or one pipelined round trip (Redis) for all of
+        ``cmds``. Replaying is per command: True, in order, where its (tenant, ``request_id``) was already recorded
+        (that command changes nothing; the others still count)."""
         ...
 
     async def usage(self, tenant: str, cells: Sequence[tuple[str, int]]) -> list[UsageRecord]:

@@ -206,6 +206,7 @@ RULES: dict[str, MethodRule] = {
     "/costmesh.budget.v1.BudgetService/Commit": MethodRule(_SERVICE, "tenant"),
     "/costmesh.budget.v1.BudgetService/Release": MethodRule(_SERVICE, "tenant"),
     "/costmesh.budget.v1.BudgetService/RecordSavings": MethodRule(_SERVICE, "attribution.tenant"),
+    "/costmesh.budget.v1.BudgetService/RecordSavingsBatch": MethodRule(_SERVICE, "tenant"),
     "/costmesh.budget.v1.BudgetService/SetBudget": ADMIN_ONLY,
     "/costmesh.budget.v1.BudgetService/GetBudget": MethodRule(_TENANT_OR_SERVICE, "scope.tenant", "all"),
     "/costmesh.budget.v1.BudgetService/GetUsage": MethodRule(_TENANT_OR_SERVICE, "tenant", "all"),

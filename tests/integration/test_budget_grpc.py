@@ -241,6 +241,80 @@ async def test_bad_input_is_invalid_argument_with_field_violations(target: str) 
         assert not (await stub.GetUsage(budget_pb2.GetUsageRequest())).rows
 
 
+def saving(
+    request_id: str, saved: int = 100, tenant: str = "", team: str = "search"
+) -> budget_pb2.RecordSavingsRequest:
+    return budget_pb2.RecordSavingsRequest(
+        request_id=request_id,
+        attribution=attribution(tenant, team),
+        saved_micros=saved,
+        reason=budget_pb2.SAVINGS_REASON_CACHE_HIT,
+        model="full-model",
+        tier=common_pb2.TIER_FULL,
+    )
+
+
+async def savings_total(stub: Stub) -> tuple[int, int]:
+    total = (await stub.GetUsage(budget_pb2.GetUsageRequest())).total
+    return total.saved_micros, total.cache_hits
+
+
+async def test_record_savings_batch_over_the_wire(target: str) -> None:
+    async with client(target) as stub:
+        assert not (await stub.RecordSavings(saving("hit-0", 700, "acme"))).replayed
+        batch = budget_pb2.RecordSavingsBatchRequest(
+            tenant="acme",
+            records=[saving("hit-1", 1_000), saving("hit-0", 700, "acme"), saving("hit-2", 300, team="ads")],
+        )
+        assert list((await stub.RecordSavingsBatch(batch)).replayed) == [False, True, False]
+        usage = await stub.GetUsage(budget_pb2.GetUsageRequest(tenant="acme", group_by=[budget_pb2.GROUP_BY_TEAM]))
+        assert {r.team: (r.saved_micros, r.cache_hits) for r in usage.rows} == {"search": (1_700, 2), "ads": (300, 1)}
+        assert (usage.total.saved_micros, usage.total.cache_hits) == (2_000, 3)
+        # Idempotent per record: the same batch again replays every record and adds nothing.
+        assert list((await stub.RecordSavingsBatch(batch)).replayed) == [True, True, True]
+        # The batch's tenant may come from metadata, like Commit's.
+        md = (("x-costmesh-tenant", "acme"),)
+        again = await stub.RecordSavingsBatch(
+            budget_pb2.RecordSavingsBatchRequest(records=[saving("hit-3")]), metadata=md
+        )
+        assert list(again.replayed) == [False]
+        assert await savings_total(stub) == (2_100, 4)
+
+
+async def test_a_bad_savings_batch_is_invalid_argument_and_records_nothing(target: str) -> None:
+    def batch(*records: budget_pb2.RecordSavingsRequest) -> budget_pb2.RecordSavingsBatchRequest:
+        return budget_pb2.RecordSavingsBatchRequest(tenant="acme", records=records)
+
+    cases = [
+        (batch(), {"records"}),
+        (batch(*(saving(f"h{i}") for i in range(1_001))), {"records"}),
+        (batch(saving("a"), saving("a")), {"records[1].request_id"}),
+        (batch(saving("a"), saving("b", tenant="globex")), {"records[1].attribution.tenant"}),
+        (batch(saving("a", -1), saving("b")), {"records[0].saved_micros"}),
+        (
+            batch(saving("a", -1), saving("a", tenant="globex")),
+            {"records[0].saved_micros", "records[1].request_id", "records[1].attribution.tenant"},
+        ),
+        (budget_pb2.RecordSavingsBatchRequest(records=[saving("a")]), {"tenant", "records[0].attribution.tenant"}),
+    ]
+    async with client(target) as stub:
+        for request, fields in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await stub.RecordSavingsBatch(request)
+            assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            violations = details(exc.value)["BadRequest"].field_violations
+            assert {v.field for v in violations} == fields, request.records[:2]
+        # The single RPC keeps its plain field paths.
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.RecordSavings(saving("a", -1, "acme"))
+        assert {v.field for v in details(exc.value)["BadRequest"].field_violations} == {"saved_micros"}
+        # All or nothing: no rejected batch recorded anything, not even its good records' ids.
+        assert await savings_total(stub) == (0, 0)
+        good = await stub.RecordSavingsBatch(batch(saving("a"), saving("b")))
+        assert list(good.replayed) == [False, False]
+        assert await savings_total(stub) == (200, 2)
+
+
 @pytest.mark.redis
 async def test_redis_down_fails_closed_and_open_when_configured(tmp_path: Path) -> None:
     server = RedisServer()
@@ -340,6 +414,15 @@ async def test_scripts_are_reloaded_after_script_flush(tmp_path: Path, redis_url
             budget_pb2.ReserveRequest(request_id="b", attribution=attribution(), estimated_cost_micros=1)
         )
         assert r.headroom[0].reserved_micros == 2
+        raw = Redis.from_url(redis_url)
+        try:
+            await raw.script_flush()
+        finally:
+            await raw.aclose()
+        saved = await stub.RecordSavingsBatch(
+            budget_pb2.RecordSavingsBatchRequest(tenant="acme", records=[saving("s1"), saving("s2")])
+        )
+        assert list(saved.replayed) == [False, False]
 
 
 async def test_readiness_waits_for_the_store(tmp_path: Path) -> None:

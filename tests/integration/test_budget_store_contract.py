@@ -9,6 +9,7 @@ TTL expiry and window rollover exact without sleeping.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import shutil
 import socket
@@ -23,6 +24,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+from services.budget import redis_scripts
 from services.budget.ledger import (
     BudgetLedger,
     CommitInput,
@@ -34,11 +36,12 @@ from services.budget.ledger import (
     ScopeInput,
     UsageQuery,
 )
-from services.budget.model import ScopeKind, Window
+from services.budget.model import ScopeKind, UsageDims, Window
 from services.budget.redis_store import RedisBudgetStore
 from services.budget.sqlite_store import SqliteBudgetStore
-from services.budget.store import BudgetStore
+from services.budget.store import BudgetStore, SavingsCommand
 from services.budget.usage import GroupBy
+from services.budget.windows import buckets
 from services.common.attribution import Attribution
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.common.pricing import TokenUsage
@@ -68,6 +71,8 @@ class Env:
     kind: str
     open_store: Callable[[], Awaitable[BudgetStore]]
     """Another client of the same backing store (a second connection / connection pool)."""
+    url: str = ""
+    """The Redis server (a node of the cluster) behind a Redis store."""
 
 
 T0 = ms("2026-03-30T22:30:00")
@@ -222,7 +227,7 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
         url = request.getfixturevalue("redis_url") if request.param != "sqlite" else ""
     store = await new_store()
     ledger = BudgetLedger(store=store, settings=LedgerSettings(default_ttl_s=300, max_ttl_s=3600), clock=clock)
-    yield Env(ledger, clock, store, request.param, new_store)
+    yield Env(ledger, clock, store, request.param, new_store, url)
     for s in stores:
         await s.close()
 
@@ -537,8 +542,8 @@ async def test_usage_grouping_savings_and_ranges(env: Env) -> None:
     for i, (a, cost, model, tier) in enumerate(calls):
         r = await led.reserve(ReserveInput(f"u{i}", a, cost, 100, model=model, tier=tier))
         await led.commit(CommitInput(a.tenant, r.reservation_id, cost, TokenUsage(60, 40, 0), model, tier, 10))
-    assert not await led.record_savings(SavingsInput("hit-1", ACME, 2_000, 1, "big-model", 2))
-    assert await led.record_savings(SavingsInput("hit-1", ACME, 2_000, 1, "big-model", 2))  # replay
+    assert await led.record_savings([SavingsInput("hit-1", ACME, 2_000, 1, "big-model", 2)]) == [False]
+    assert await led.record_savings([SavingsInput("hit-1", ACME, 2_000, 1, "big-model", 2)]) == [True]  # replay
     by_team = await led.get_usage(UsageQuery(tenant="acme", group_by=[int(GroupBy.TEAM)]))
     assert [(r.team, r.counters.cost_micros, r.counters.requests) for r in by_team.rows] == [
         ("search", 4_000, 2),
@@ -574,6 +579,61 @@ async def test_usage_grouping_savings_and_ranges(env: Env) -> None:
     assert first.total.counters.cost_micros == 4_500
     empty = await led.get_usage(UsageQuery(tenant="acme", start_unix_ms=T0 - 86_400_000, end_unix_ms=T0 - 1))
     assert empty.rows == [] and empty.total.counters.cost_micros == 0
+
+
+def savings_command(env: Env, tenant: str, request_id: str, saved: int, *, team: str = "search") -> SavingsCommand:
+    return SavingsCommand(
+        tenant, request_id, UsageDims(team, "chat", "m", 2), saved, True, buckets(env.clock()), 86_400_000
+    )
+
+
+async def savings_by_tenant(env: Env, window: Window = Window.LIFETIME) -> dict[str, tuple[int, int]]:
+    report = await env.ledger.get_usage(UsageQuery(window=int(window), group_by=[int(GroupBy.TENANT)]))
+    return {r.tenant: (r.counters.saved_micros, r.counters.cache_hits) for r in report.rows}
+
+
+async def test_a_savings_batch_replays_per_record_and_adds_the_rest(env: Env) -> None:
+    assert await env.store.record_savings([savings_command(env, "acme", "hit-0", 700)]) == [False]
+    env.clock.advance(90_000)  # the batch lands in another minute cell than the first record
+    batch = [
+        savings_command(env, "acme", "hit-1", 1_000),
+        savings_command(env, "acme", "hit-0", 5_000),  # recorded before: a replay, whatever its numbers
+        savings_command(env, "globex", "hit-1", 40),  # the same id in another tenant is another record
+        savings_command(env, "acme", "hit-2", 250, team="ads"),
+        savings_command(env, "acme", "hit-2", 9_999),  # twice in one batch: the second replays the first
+    ]
+    assert await env.store.record_savings(batch) == [False, True, False, False, True]
+    expected = {"acme": (700 + 1_000 + 250, 3), "globex": (40, 1)}
+    assert await savings_by_tenant(env) == expected
+    assert await savings_by_tenant(env, Window.DAY) == expected  # minute, hour and day cells agree
+    by_team = await env.ledger.get_usage(UsageQuery(tenant="acme", group_by=[int(GroupBy.TEAM)]))
+    assert {r.team: r.counters.saved_micros for r in by_team.rows} == {"search": 1_700, "ads": 250}
+    # The whole batch again: every record replays and nothing moves.
+    assert await env.store.record_savings(batch) == [True] * len(batch)
+    assert await savings_by_tenant(env) == expected
+    assert await env.store.tenants() == ["acme", "globex"]
+
+
+async def test_a_savings_batch_survives_a_script_flush(env: Env) -> None:
+    if env.kind == "sqlite":
+        pytest.skip("Redis only")
+    assert await env.store.record_savings([savings_command(env, "acme", "before", 1)]) == [False]
+    raw: Redis | RedisCluster = (
+        RedisCluster.from_url(env.url) if env.kind == "redis-cluster" else Redis.from_url(env.url)
+    )
+    try:
+        await raw.script_flush()  # on a cluster: every primary
+        assert not any(await raw.script_exists(hashlib.sha1(redis_scripts.SAVINGS.encode()).hexdigest()))
+    finally:
+        await raw.aclose()
+    batch = [savings_command(env, t, f"after-{t}", 10) for t in ("acme", "globex", "initech")]
+    assert await env.store.record_savings([*batch, savings_command(env, "acme", "before", 1)]) == [
+        False,
+        False,
+        False,
+        True,
+    ]
+    assert await savings_by_tenant(env) == {"acme": (11, 2), "globex": (10, 1), "initech": (10, 1)}
 
 
 async def test_a_new_policy_starts_from_what_the_window_already_spent(env: Env) -> None:
@@ -639,7 +699,7 @@ async def test_bad_commit_release_and_policy_input(env: Env) -> None:
     with pytest.raises(InvalidArgument):
         await env.ledger.release("", r.reservation_id)
     with pytest.raises(InvalidArgument):
-        await env.ledger.record_savings(SavingsInput("s", ACME, -1, 1))
+        await env.ledger.record_savings([SavingsInput("s", ACME, -1, 1)])
     with pytest.raises(InvalidArgument) as exc:
         await env.ledger.set_budget(
             PolicyInput(

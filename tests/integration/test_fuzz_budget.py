@@ -225,6 +225,68 @@ def test_record_savings(
 
 
 @st.composite
+def savings_batches(draw: st.DrawFn) -> budget_pb2.RecordSavingsBatchRequest:
+    """A batch of valid records (request ids fresh or already seen, tenant empty or the batch's) with, when
+    corrupted: a hostile batch tenant, no records or more than 1000, hostile records, a request id twice, or a
+    record of another tenant."""
+    bad = draw(corrupted(("tenant", "count", "records", "duplicate", "foreign")))
+    tenant = pick(draw, bad, "tenant", VALID_TENANT, TENANT)
+    count = pick(draw, bad, "count", st.one_of(st.integers(1, 8), st.just(1000)), st.sampled_from([0, 1001, 1500]))
+    # At most 8 drawn records; a larger batch repeats them under numbered ids (drawing 1000 would overrun hypothesis).
+    drawn = [
+        budget_pb2.RecordSavingsRequest(
+            request_id=rid,
+            attribution=common_pb2.Attribution(tenant=draw(st.sampled_from(["", tenant])), team=draw(VALID_NAME)),
+            saved_micros=draw(st.integers(0, 10**6)),
+            reason=draw(st.sampled_from([1, 2])),  # type: ignore[arg-type]
+            tier=draw(st.sampled_from([0, 1, 2])),  # type: ignore[arg-type]
+        )
+        for rid in draw(st.lists(VALID_ID, min_size=min(count, 8), max_size=min(count, 8), unique=True))
+    ]
+    records = drawn if count <= 8 else []
+    for i in range(len(records), count):
+        records.append(budget_pb2.RecordSavingsRequest())
+        records[i].CopyFrom(drawn[i % len(drawn)])
+        records[i].request_id += f"n{i}"
+    if records:
+        if "records" in bad:
+            for _ in range(draw(st.integers(1, 3))):
+                records[draw(st.integers(0, count - 1))] = draw(savings_requests())
+        if "duplicate" in bad and count > 1:
+            i = draw(st.integers(0, count - 2))
+            j = draw(st.integers(i + 1, count - 1))
+            records[j].request_id = records[i].request_id
+        if "foreign" in bad:
+            records[draw(st.integers(0, count - 1))].attribution.tenant = draw(TENANT.filter(lambda t: t != tenant))
+    return budget_pb2.RecordSavingsBatchRequest(tenant=tenant, records=records)
+
+
+@given(who=credentials("router", "fuzz"), request=savings_batches())
+@FUZZ
+def test_record_savings_batch(
+    stack: Stack,
+    budget: budget_pb2_grpc.BudgetServiceStub,
+    who: str | None,
+    request: budget_pb2.RecordSavingsBatchRequest,
+) -> None:
+    before = ledger(stack, savings=True)
+    out = unary(budget.RecordSavingsBatch, request, metadata(stack, who))
+    check_documented(out, who, ALLOWED)
+    after = ledger(stack, savings=True)
+    if not out.ok:  # all or nothing
+        assert after == before, out
+        return
+    records = request.records
+    assert 1 <= len(records) <= 1000 and len(out.reply.replayed) == len(records)
+    assert len({r.request_id for r in records}) == len(records)
+    assert all(r.attribution.tenant in ("", request.tenant) for r in records)
+    new = [r for r, replayed in zip(records, out.reply.replayed, strict=True) if not replayed]
+    assert (after.cost_micros, after.reserved_micros) == (before.cost_micros, before.reserved_micros)
+    assert after.saved_micros - before.saved_micros == sum(r.saved_micros for r in new)
+    assert after.cache_hits - before.cache_hits == sum(r.reason == budget_pb2.SAVINGS_REASON_CACHE_HIT for r in new)
+
+
+@st.composite
 def policies(draw: st.DrawFn) -> budget_pb2.BudgetPolicy:
     bad = draw(corrupted(("scope", "rates", "limits", "soft")))
     if "scope" in bad:

@@ -275,6 +275,25 @@ def test_budget_counts_spend_and_savings_once_and_drops_old_scopes(tel: Telemetr
     assert {dict(k)["scope_name"] for k in tel.points()["costmesh.budget.limit.micros"]} == {"f1", "f2"}
 
 
+def test_budget_savings_batch_counts_each_new_record_and_annotates_the_span_once(tel: Telemetry) -> None:
+    m = BudgetMetrics(tel.meter())
+    records = [
+        SavingsInput("h1", Attribution(tenant="acme", feature="faq"), 1_000, reason=1, model="m", tier=2),
+        SavingsInput("h2", Attribution(tenant="acme", feature="chat"), 300, reason=1, model="m", tier=1),
+        SavingsInput("h3", Attribution(tenant="acme", feature="faq"), 50, reason=1, model="m", tier=2),
+    ]
+    with tel.tracer.start_as_current_span("RecordSavingsBatch"):
+        m.savings_batch("acme", records, [False, False, True])  # h3 replays: not counted again
+    saved = tel.points()["costmesh.budget.saved.micros"]
+    assert value(saved, feature="faq", tier="full", reason="cache") == 1_000
+    assert value(saved, feature="chat", tier="cheap") == 300
+    assert total(saved, tenant="acme") == 1_300
+    (span,) = tel.finished()
+    attrs = dict(span.attributes or {})
+    assert attrs[sc.TENANT] == "acme" and sc.FEATURE not in attrs
+    assert attrs[sc.CACHE_SAVED_MICROS] == 1_350 and attrs[sc.SAVINGS_RECORDS] == 3
+
+
 # -- infer ---------------------------------------------------------------------------------------------------------
 
 

@@ -647,6 +647,58 @@ class RecordSavingsResponse(_message.Message):
 Global___RecordSavingsResponse: _TypeAlias = RecordSavingsResponse  # noqa: Y015
 
 @_typing.final
+class RecordSavingsBatchRequest(_message.Message):
+    """Request of RecordSavingsBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """Tenant of every record; a record's attribution.tenant must be empty (filled in with this) or equal it."""
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordSavingsRequest]:
+        """1-1000 records, with distinct request_ids."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        records: _abc.Iterable[Global___RecordSavingsRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordSavingsBatchRequest: _TypeAlias = RecordSavingsBatchRequest  # noqa: Y015
+
+@_typing.final
+class RecordSavingsBatchResponse(_message.Message):
+    """Response of RecordSavingsBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def replayed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Per record, in request order: true when it replays an earlier record with the same request_id."""
+
+    def __init__(
+        self,
+        *,
+        replayed: _abc.Iterable[_builtins.bool] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordSavingsBatchResponse: _TypeAlias = RecordSavingsBatchResponse  # noqa: Y015
+
+@_typing.final
 class SetBudgetRequest(_message.Message):
     """Request of SetBudget."""
 

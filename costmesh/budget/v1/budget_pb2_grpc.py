@@ -57,6 +57,11 @@ class BudgetServiceStub:
                 request_serializer=costmesh_dot_budget_dot_v1_dot_budget__pb2.RecordSavingsRequest.SerializeToString,
                 response_deserializer=costmesh_dot_budget_dot_v1_dot_budget__pb2.RecordSavingsResponse.FromString,
                 _registered_method=True)
+        self.RecordSavingsBatch = channel.unary_unary(
+                '/costmesh.budget.v1.BudgetService/RecordSavingsBatch',
+                request_serializer=costmesh_dot_budget_dot_v1_dot_budget__pb2.RecordSavingsBatchRequest.SerializeToString,
+                response_deserializer=costmesh_dot_budget_dot_v1_dot_budget__pb2.RecordSavingsBatchResponse.FromString,
+                _registered_method=True)
         self.SetBudget = channel.unary_unary(
                 '/costmesh.budget.v1.BudgetService/SetBudget',
                 request_serializer=costmesh_dot_budget_dot_v1_dot_budget__pb2.SetBudgetRequest.SerializeToString,
@@ -109,6 +114,15 @@ class BudgetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordSavingsBatch(self, request, context):
+        """Records many savings of one tenant in one call and one ledger write (the router batches its cache hits'
+        savings). All or nothing: one invalid record rejects the batch (INVALID_ARGUMENT naming records[i].field).
+        Idempotent per record on request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetBudget(self, request, context):
         """Creates or replaces the budget policy of one scope (admin).
         """
@@ -152,6 +166,11 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.RecordSavings,
                     request_deserializer=costmesh_dot_budget_dot_v1_dot_budget__pb2.RecordSavingsRequest.FromString,
                     response_serializer=costmesh_dot_budget_dot_v1_dot_budget__pb2.RecordSavingsResponse.SerializeToString,
+            ),
+            'RecordSavingsBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordSavingsBatch,
+                    request_deserializer=costmesh_dot_budget_dot_v1_dot_budget__pb2.RecordSavingsBatchRequest.FromString,
+                    response_serializer=costmesh_dot_budget_dot_v1_dot_budget__pb2.RecordSavingsBatchResponse.SerializeToString,
             ),
             'SetBudget': grpc.unary_unary_rpc_method_handler(
                     servicer.SetBudget,
@@ -280,6 +299,33 @@ class BudgetService:
             '/costmesh.budget.v1.BudgetService/RecordSavings',
             costmesh_dot_budget_dot_v1_dot_budget__pb2.RecordSavingsRequest.SerializeToString,
             costmesh_dot_budget_dot_v1_dot_budget__pb2.RecordSavingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordSavingsBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/costmesh.budget.v1.BudgetService/RecordSavingsBatch',
+            costmesh_dot_budget_dot_v1_dot_budget__pb2.RecordSavingsBatchRequest.SerializeToString,
+            costmesh_dot_budget_dot_v1_dot_budget__pb2.RecordSavingsBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,11 @@ class BudgetServiceStub:
     """Returns a reservation's money unused. Idempotent."""
     RecordSavings: _grpc.UnaryUnaryMultiCallable[_budget_pb2.RecordSavingsRequest, _budget_pb2.RecordSavingsResponse]
     """Records cost avoided without a reservation (a cache hit). Idempotent on request_id."""
+    RecordSavingsBatch: _grpc.UnaryUnaryMultiCallable[_budget_pb2.RecordSavingsBatchRequest, _budget_pb2.RecordSavingsBatchResponse]
+    """Records many savings of one tenant in one call and one ledger write (the router batches its cache hits'
+    savings). All or nothing: one invalid record rejects the batch (INVALID_ARGUMENT naming records[i].field).
+    Idempotent per record on request_id.
+    """
     SetBudget: _grpc.UnaryUnaryMultiCallable[_budget_pb2.SetBudgetRequest, _budget_pb2.SetBudgetResponse]
     """Creates or replaces the budget policy of one scope (admin)."""
     GetBudget: _grpc.UnaryUnaryMultiCallable[_budget_pb2.GetBudgetRequest, _budget_pb2.GetBudgetResponse]
@@ -71,6 +76,11 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     """Returns a reservation's money unused. Idempotent."""
     RecordSavings: _aio.UnaryUnaryMultiCallable[_budget_pb2.RecordSavingsRequest, _budget_pb2.RecordSavingsResponse]  # type: ignore[assignment]
     """Records cost avoided without a reservation (a cache hit). Idempotent on request_id."""
+    RecordSavingsBatch: _aio.UnaryUnaryMultiCallable[_budget_pb2.RecordSavingsBatchRequest, _budget_pb2.RecordSavingsBatchResponse]  # type: ignore[assignment]
+    """Records many savings of one tenant in one call and one ledger write (the router batches its cache hits'
+    savings). All or nothing: one invalid record rejects the batch (INVALID_ARGUMENT naming records[i].field).
+    Idempotent per record on request_id.
+    """
     SetBudget: _aio.UnaryUnaryMultiCallable[_budget_pb2.SetBudgetRequest, _budget_pb2.SetBudgetResponse]  # type: ignore[assignment]
     """Creates or replaces the budget policy of one scope (admin)."""
     GetBudget: _aio.UnaryUnaryMultiCallable[_budget_pb2.GetBudgetRequest, _budget_pb2.GetBudgetResponse]  # type: ignore[assignment]
@@ -117,6 +127,17 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_budget_pb2.RecordSavingsResponse, _abc.Awaitable[_budget_pb2.RecordSavingsResponse]]:
         """Records cost avoided without a reservation (a cache hit). Idempotent on request_id."""
+
+    @_abc_1.abstractmethod
+    def RecordSavingsBatch(
+        self,
+        request: _budget_pb2.RecordSavingsBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.RecordSavingsBatchResponse, _abc.Awaitable[_budget_pb2.RecordSavingsBatchResponse]]:
+        """Records many savings of one tenant in one call and one ledger write (the router batches its cache hits'
+        savings). All or nothing: one invalid record rejects the batch (INVALID_ARGUMENT naming records[i].field).
+        Idempotent per record on request_id.
+        """
 
     @_abc_1.abstractmethod
     def SetBudget(
