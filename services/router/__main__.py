@@ -28,6 +28,7 @@ from services.router.decider import build_decider
 from services.router.limits import TenantLimiter
 from services.router.metrics import RouterMetrics
 from services.router.pipeline import Pipeline, PipelineLimits
+from services.router.savings import SavingsBatcher, SavingsSettings
 from services.router.server import RouterServicer
 from services.router.tokens import TierTokenizers
 
@@ -98,6 +99,11 @@ async def serve(settings: RouterSettings) -> None:
             async_reservation_ttl_s=settings.async_reservation_ttl_s,
         ),
         metrics=RouterMetrics(meter),
+        savings=SavingsBatcher(
+            budget,
+            SavingsSettings(flush_s=settings.savings_flush_s, max_batch=settings.savings_max_batch),
+            tracer=host.telemetry.tracer("costmesh.router.savings") if tracer is not None and host.telemetry else None,
+        ),
     )
     host.on_stop(pipeline.drain)  # registered last: runs first, while the channels are still open
     servicer = RouterServicer(pipeline=pipeline, limiter=TenantLimiter(settings.limits))

@@ -41,6 +41,7 @@ from services.router.protoconv import (
     usage_from_proto,
     usage_to_proto,
 )
+from services.router.savings import SavingsRecord
 
 _OUTCOMES = {
     cache_pb2.LOOKUP_OUTCOME_HIT: LookupOutcome.HIT,
@@ -205,20 +206,24 @@ class GrpcBudget:
         except grpc.aio.AioRpcError as err:
             raise error_from_rpc(err, peer="budget") from err
 
-    async def record_savings(
-        self, *, request_id: str, attribution: Attribution, saved_micros: int, model: str, tier: Tier, usage: TokenUsage
-    ) -> None:
-        request = budget_pb2.RecordSavingsRequest(
-            request_id=request_id,
-            attribution=attribution_to_proto(attribution),
-            saved_micros=saved_micros,
-            reason=budget_pb2.SAVINGS_REASON_CACHE_HIT,
-            model=model,
-            tier=tier_to_proto(tier),
-            usage=usage_to_proto(usage),
+    async def record_savings(self, tenant: str, records: Sequence[SavingsRecord]) -> None:
+        request = budget_pb2.RecordSavingsBatchRequest(
+            tenant=tenant,
+            records=[
+                budget_pb2.RecordSavingsRequest(
+                    request_id=r.request_id,
+                    attribution=attribution_to_proto(r.attribution),
+                    saved_micros=r.saved_micros,
+                    reason=budget_pb2.SAVINGS_REASON_CACHE_HIT,
+                    model=r.model,
+                    tier=tier_to_proto(r.tier),
+                    usage=usage_to_proto(r.usage),
+                )
+                for r in records
+            ],
         )
         try:
-            await self._stub.RecordSavings(request, timeout=self._timeout_s)
+            await self._stub.RecordSavingsBatch(request, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as err:
             raise error_from_rpc(err, peer="budget") from err
 

@@ -44,6 +44,10 @@ class RouterSettings(ServiceSettings):
         3600, ge=1, description="Reservation lifetime of async requests (at most the budget's max_ttl_s)."
     )
     fail_open_budget: bool = Field(False, description="Serve without a reservation when the budget is down.")
+    savings_flush_s: float = Field(
+        0.05, gt=0, le=60, description="How often cache hits' savings go to the budget (services/router/savings.py)."
+    )
+    savings_max_batch: int = Field(128, ge=1, le=1000, description="Most savings records in one RecordSavingsBatch.")
 
     # --- classifier and routing policy (services/router/classifier/settings.py) ---
     routing: RoutingSettings = Field(

@@ -43,6 +43,7 @@ from services.common.errors import (
 )
 from services.common.pricing import PriceTable, TokenUsage
 from services.router.classifier.types import Message, Tier
+from services.router.savings import SavingsBatcher, SavingsRecord
 
 if TYPE_CHECKING:
     from services.router.metrics import RouterMetrics
@@ -183,9 +184,9 @@ class BudgetPort(Protocol):
 
     async def release(self, *, reservation_id: str, tenant: str) -> None: ...
 
-    async def record_savings(
-        self, *, request_id: str, attribution: Attribution, saved_micros: int, model: str, tier: Tier, usage: TokenUsage
-    ) -> None: ...
+    async def record_savings(self, tenant: str, records: Sequence[SavingsRecord]) -> None:
+        """Record cache hits' savings, all of ``tenant``, in one call (:mod:`services.router.savings` batches them)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,6 +508,7 @@ class Pipeline:
         limits: PipelineLimits | None = None,
         jobs: JobPort | None = None,
         metrics: RouterMetrics | None = None,
+        savings: SavingsBatcher | None = None,
     ) -> None:
         self._decider = decider
         self._cache = cache
@@ -522,6 +524,7 @@ class Pipeline:
         self._jobs = jobs
         self._inline: dict[str, tuple[str, GenerateResult]] = {}
         self._metrics = metrics
+        self._savings = savings or SavingsBatcher(budget)
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -584,7 +587,8 @@ class Pipeline:
 
         At shutdown the server cancels the calls still running once its grace period is over, but may stop before
         their handlers ran far enough to release what they hold; so first wait (``drain_wait_s`` at most) until no
-        request holds a reservation or lease unsettled, then for every settlement and background task.
+        request holds a reservation or lease unsettled, then for every settlement and background task, then send
+        the queued savings records (``drain_wait_s`` at most when the budget does not answer).
         """
         until = time.monotonic() + self.limits.drain_wait_s
         # A poll, at shutdown only: settlements change state by plain assignment, without signalling.
@@ -592,6 +596,7 @@ class Pipeline:
             await asyncio.sleep(0.02)
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
+        await self._savings.drain(self.limits.drain_wait_s)
 
     def decide(self, inp: GenerateInput) -> Decision:
         max_tokens = self._max_tokens(inp)
@@ -670,14 +675,15 @@ class Pipeline:
         answer = lookup.answer
         assert answer is not None
         saved = self.baseline(answer.usage)
-        self._background_task(
-            self._budget.record_savings(
+        self._savings.add(
+            SavingsRecord(
                 request_id=inp.request_id,
                 attribution=inp.attribution,
                 saved_micros=saved,
                 model=answer.model,
                 tier=answer.tier,
                 usage=answer.usage,
+                span=trace.get_current_span().get_span_context(),
             )
         )
         return GenerateResult(

@@ -4,7 +4,8 @@ What must hold: one trace per request, spanning router, cache, budget and infer 
 server span → its client spans → the cache/budget/infer server spans); span attributes that agree with the response
 and with the budget ledger (cost, tokens, tier, cache hit); tenant/team/feature carried as baggage to hops whose
 request does not carry them; log lines inside a request carrying its trace and span ids; an async job's span linked
-to the trace that submitted it; and Prometheus counters on every service that move as requests are made.
+to the trace that submitted it; a cache hit's saving recorded by a savings batch whose trace links to the hit; and
+Prometheus counters on every service that move as requests are made.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from costmesh.client import RouterClient
 from costmesh.common.v1 import common_pb2
 from costmesh.router.v1 import router_pb2, router_pb2_grpc
 from services.common import semconv as sc
+from services.router.savings import FLUSH_SPAN
 from tests.support.mesh import Mesh, free_layout, running_async
-from tests.support.otlp import CLIENT, CONSUMER, SERVER, Span, SpanReceiver
+from tests.support.otlp import CLIENT, CONSUMER, SERVER, Link, Span, SpanReceiver
 from tests.support.telemetry import exported_series
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
@@ -66,12 +68,20 @@ async def set_limit(m: Mesh, tenant: str, micros: int) -> None:
         await budget_pb2_grpc.BudgetServiceStub(ch).SetBudget(budget_pb2.SetBudgetRequest(policy=policy), timeout=10)
 
 
-async def ledger_cost(m: Mesh, tenant: str) -> int:
+async def ledger_usage(m: Mesh, tenant: str) -> budget_pb2.UsageRow:
     async with grpc.aio.insecure_channel(m.layout.target("budget")) as ch:
         reply = await budget_pb2_grpc.BudgetServiceStub(ch).GetUsage(
             budget_pb2.GetUsageRequest(tenant=tenant), timeout=10
         )
-    return reply.total.cost_micros
+    return reply.total
+
+
+async def ledger_cost(m: Mesh, tenant: str) -> int:
+    return (await ledger_usage(m, tenant)).cost_micros
+
+
+async def ledger_saved(m: Mesh, tenant: str) -> int:
+    return (await ledger_usage(m, tenant)).saved_micros
 
 
 def root_of(receiver: SpanReceiver, request_id: str) -> Span | None:
@@ -101,8 +111,8 @@ async def request_trace(receiver: SpanReceiver, request_id: str, expected: set[t
             return False
         spans = receiver.trace(root.trace_id)
         ids = {s.span_id for s in spans}
-        # each process exports in its own batches: wait for the router's client spans too (Fill and RecordSavings
-        # end after the request, so they may come in a later batch than the root)
+        # each process exports in its own batches: wait for the router's client spans too (Fill ends after the
+        # request, so it may come in a later batch than the root)
         have = {(s.service, s.name.rsplit("/", 1)[-1]) for s in spans if s.kind == SERVER and s.parent_span_id in ids}
         return expected <= have
 
@@ -110,6 +120,25 @@ async def request_trace(receiver: SpanReceiver, request_id: str, expected: set[t
     root = root_of(receiver, request_id)
     assert root is not None
     return receiver.trace(root.trace_id)
+
+
+async def savings_trace(receiver: SpanReceiver, hit_root: Span) -> list[Span]:
+    """The trace of the savings batch that recorded the hit (its root first), once the budget's span has arrived."""
+
+    def flush() -> Span | None:
+        for s in receiver.spans:
+            if s.name == FLUSH_SPAN and Link(hit_root.trace_id, hit_root.span_id) in s.links:
+                return s
+        return None
+
+    def complete() -> bool:
+        root = flush()
+        return root is not None and any(s.kind == SERVER for s in receiver.trace(root.trace_id))
+
+    await receiver.wait_for(complete, timeout_s=90)
+    root = flush()
+    assert root is not None
+    return [root, *(s for s in receiver.trace(root.trace_id) if s is not root)]
 
 
 def check_links(spans: list[Span], root: Span, downstream: Span) -> None:
@@ -152,9 +181,7 @@ async def test_one_trace_per_request_across_the_mesh_with_costs_that_agree(mesh:
             ("costmesh-infer", "Generate"),
         },
     )
-    free = await request_trace(
-        receiver, hit.request_id, {(SERVICES["cache"], "Lookup"), (SERVICES["budget"], "RecordSavings")}
-    )
+    free = await request_trace(receiver, hit.request_id, {(SERVICES["cache"], "Lookup")})
 
     # one trace per request, and every span of it in that trace
     assert paid[0].trace_id != free[0].trace_id
@@ -208,10 +235,19 @@ async def test_one_trace_per_request_across_the_mesh_with_costs_that_agree(mesh:
     assert hit_root.attributes[sc.CACHE_HIT] is True and hit_root.attributes[sc.COST_MICROS] == 0
     assert hit_root.attributes[sc.CACHE_SAVED_MICROS] == hit.saved_micros > 0
     assert server_span(free, SERVICES["cache"], "Lookup").attributes[sc.CACHE_HIT] is True
-    assert not any(s.service == "costmesh-infer" for s in free)
-    savings = server_span(free, SERVICES["budget"], "RecordSavings")
-    check_links(free, hit_root, savings)
-    assert savings.attributes[sc.CACHE_SAVED_MICROS] == hit.saved_micros
+    assert not any(s.service in ("costmesh-infer", SERVICES["budget"]) for s in free)
+    # its saving went to the ledger in a batch (services/router/savings.py): a trace of its own, whose root links to
+    # the hit's span, with the router's RecordSavingsBatch client span and the budget's server span under it
+    recorded = await savings_trace(receiver, hit_root)
+    flush = recorded[0]
+    assert (flush.service, flush.parent_span_id) == (SERVICES["router"], "")
+    assert Link(hit_root.trace_id, hit_root.span_id) in flush.links
+    savings = server_span(recorded, SERVICES["budget"], "RecordSavingsBatch")
+    check_links(recorded, flush, savings)
+    for span in (flush, savings):  # the test's tenant is new: the batch holds this one hit only
+        assert span.attributes[sc.TENANT] == tenant and span.attributes[sc.SAVINGS_RECORDS] == 1
+        assert span.attributes[sc.CACHE_SAVED_MICROS] == hit.saved_micros
+    assert await ledger_saved(mesh, tenant) == hit.saved_micros + miss.saved_micros
 
     # logs: the budget's lines for this request carry its trace id; every line inside an RPC carries ids
     budget_lines = json_lines(mesh.log("budget"))

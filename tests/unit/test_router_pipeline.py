@@ -31,6 +31,7 @@ from services.router.pipeline import (
     Sampling,
     TextDelta,
 )
+from services.router.savings import SavingsRecord
 
 ACME = Attribution(tenant="acme", team="t", feature="f")
 MODELS = {Tier.CHEAP: "cheap-model", Tier.FULL: "full-model"}
@@ -141,10 +142,9 @@ class Ledger:
     async def release(self, *, reservation_id: str, tenant: str) -> None:
         self.reserved.pop(reservation_id)
 
-    async def record_savings(
-        self, *, request_id: str, attribution: Attribution, saved_micros: int, model: str, tier: Tier, usage: TokenUsage
-    ) -> None:
-        self.savings += saved_micros
+    async def record_savings(self, tenant: str, records: Sequence[SavingsRecord]) -> None:
+        assert all(r.attribution.tenant == tenant for r in records)
+        self.savings += sum(r.saved_micros for r in records)
 
 
 @dataclass
@@ -183,6 +183,7 @@ def make(
     cache: MemCache | None = None,
     ledger: Ledger | None = None,
     workers: Workers | None = None,
+    limits: PipelineLimits | None = None,
 ) -> tuple[Pipeline, MemCache, Ledger, Workers]:
     cache = cache if cache is not None else MemCache()
     ledger = ledger or Ledger()
@@ -195,6 +196,7 @@ def make(
         tokens=Tokens(),
         prices=PriceTable(),
         models=MODELS,
+        limits=limits,
     )
     return p, cache, ledger, workers
 
@@ -322,7 +324,8 @@ async def test_cache_down_serves_without_cache() -> None:
 
 
 async def test_budget_down_fails_closed_by_default() -> None:
-    p, cache, _ledger, workers = make(ledger=Ledger(down=True))
+    # the router releases the Reserve it could not confirm in the background, retrying while the budget is down
+    p, cache, _ledger, workers = make(ledger=Ledger(down=True), limits=PipelineLimits(settle_retry_s=0.5))
     with pytest.raises(Unavailable):
         await p.generate(req())
     await p.drain()
