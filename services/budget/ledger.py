@@ -611,7 +611,10 @@ class BudgetLedger:
         v.raise_if_any("invalid GetUsageRequest")
 
         now = self._clock()
-        end = q.end_unix_ms or now + 1  # 'now' includes what was recorded this very millisecond
+        # 'now' includes what was recorded this very millisecond; nothing is recorded later, so a later end only
+        # adds empty cells (an end in the year 9999 once made the budget tile millennia into minutes until it ran
+        # out of memory).
+        end = min(q.end_unix_ms or now + 1, now + 1)
         start = q.start_unix_ms
         if not start and q.window and Window(q.window) is not Window.LIFETIME:
             start = window_start_ms(Window(q.window), now)
@@ -622,8 +625,10 @@ class BudgetLedger:
                 if start == 0 and end > now:
                     cells = [("L", 0)]
                 else:
-                    first = start or await self._store.first_activity_ms(tenant)
-                    if first is None:
+                    active = await self._store.first_activity_ms(tenant)
+                    # nothing was recorded before the tenant's first activity: no cells before it either
+                    first = None if active is None else max(start, active)
+                    if first is None or first >= end:
                         continue
                     cells = cover_with_retention(
                         first,
