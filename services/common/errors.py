@@ -141,6 +141,11 @@ class DeadlineExceeded(CostmeshError):
     default_reason = "DEADLINE_EXCEEDED"
 
 
+#: Errors after which an idempotent call is worth retrying: the dependency may answer later, and the call may not
+#: have happened.
+TRANSIENT: tuple[type[CostmeshError], ...] = (Unavailable, DeadlineExceeded)
+
+
 class Unimplemented(CostmeshError):
     code = grpc.StatusCode.UNIMPLEMENTED
     default_reason = "UNIMPLEMENTED"

@@ -43,7 +43,8 @@ async def serve(settings: RouterSettings) -> None:
         ca_file=settings.tls_ca_file, cert_file=settings.tls_cert_file, key_file=settings.tls_key_file
     )
     # Every call carries W3C trace context and baggage (tenant/team/feature), traced or not; traced, in a CLIENT span.
-    tracer = host.telemetry.tracer("costmesh.rpc") if host.telemetry and host.telemetry.tracing_enabled else None
+    tracing = host.telemetry if host.telemetry and host.telemetry.tracing_enabled else None
+    tracer = tracing.tracer("costmesh.rpc") if tracing else None
     interceptors = client_interceptors(tracer)
     interceptors += bearer_interceptors(settings.auth.outgoing_key())  # the router's service key, when set
 
@@ -102,7 +103,7 @@ async def serve(settings: RouterSettings) -> None:
         savings=SavingsBatcher(
             budget,
             SavingsSettings(flush_s=settings.savings_flush_s, max_batch=settings.savings_max_batch),
-            tracer=host.telemetry.tracer("costmesh.router.savings") if tracer is not None and host.telemetry else None,
+            tracer=tracing.tracer("costmesh.router.savings") if tracing else None,
         ),
     )
     host.on_stop(pipeline.drain)  # registered last: runs first, while the channels are still open

@@ -32,8 +32,8 @@ from services.common import deadline
 from services.common import semconv as sc
 from services.common.attribution import Attribution
 from services.common.errors import (
+    TRANSIENT,
     CostmeshError,
-    DeadlineExceeded,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -427,8 +427,6 @@ def validate(inp: GenerateInput, limits: PipelineLimits) -> None:
     v.raise_if_any("invalid request")
 
 
-#: Budget errors after which an idempotent commit or release is worth retrying: the call may not have happened.
-_TRANSIENT = (Unavailable, DeadlineExceeded)
 Retry = Callable[[str, Callable[[], Awaitable[object]], str], None]
 
 
@@ -467,7 +465,7 @@ class _Settlement:
             tenant = self._attribution.tenant
             try:
                 await self._budget.release(reservation_id=res.reservation_id, tenant=tenant)
-            except _TRANSIENT as err:
+            except TRANSIENT as err:
                 if self._retry is None:  # the TTL returns it
                     log.warning("release_failed", reservation_id=res.reservation_id, error=err.message)
                     return
@@ -568,7 +566,7 @@ class Pipeline:
             await asyncio.sleep(delay)
             try:
                 await call()
-            except _TRANSIENT as err:
+            except TRANSIENT as err:
                 if time.monotonic() + delay > give_up_at:
                     log.error("settle_gave_up", what=what, ref=ref, error=err.message)
                     return
@@ -723,7 +721,7 @@ class Pipeline:
         )
         try:
             return await reserve()
-        except _TRANSIENT:
+        except TRANSIENT:
             # The outcome is unknown: the store may have written the reservation and lost the reply (Redis killed
             # between its write and its answer). The caller gets the error; in the background, once the budget
             # answers, the same (idempotent) Reserve finds that reservation — or makes one — and releases it, so no
@@ -733,7 +731,7 @@ class Pipeline:
             async def reconcile() -> None:
                 try:
                     held = await reserve()
-                except _TRANSIENT:
+                except TRANSIENT:
                     raise
                 except CostmeshError:  # refused now (e.g. a hard limit): nothing is held under this key
                     return
@@ -844,7 +842,7 @@ class Pipeline:
             self._track(committing)  # a shutdown waits for it
             try:
                 remaining = await asyncio.shield(committing)
-            except _TRANSIENT as err:
+            except TRANSIENT as err:
                 # The inference ran, so the money was spent: the caller gets its answer and the (idempotent) commit
                 # is retried until the budget is back, instead of leaving the spend unbilled and the estimate held.
                 log.warning("commit_deferred", reservation_id=rid, error=err.message)
@@ -960,7 +958,7 @@ class Pipeline:
         while True:
             try:
                 status = await self.status(job_id, attribution, decision)
-            except _TRANSIENT as err:  # the worker or the budget is down: keep settling once it is back
+            except TRANSIENT as err:  # the worker or the budget is down: keep settling once it is back
                 log.warning("async_settle_retrying", job_id=job_id, error=err.message)
             else:
                 if status.state.terminal:

@@ -18,9 +18,10 @@ money (reservations and charges never go through here). So:
 * a batch the ledger rejects (INVALID_ARGUMENT: a bug, not an outage) is logged and dropped, not retried;
 * :meth:`SavingsBatcher.drain` (shutdown) sends what is queued at once, retrying for ``wait_s`` at most.
 
-Tracing: a batch is sent outside any request, in a root span ``costmesh.savings.flush`` (its own trace) that links
-to the span of every hit it records, so a hit's trace leads to the ledger write that recorded it; the span carries
-the tenant, the number of records (``costmesh.savings.records``) and their sum (``costmesh.cache.saved_micros``).
+Tracing (when the router traces: a ``tracer`` is given): a batch is sent outside any request, in a root span
+``costmesh.savings.flush`` (its own trace) that links to the span of every hit it records, so a hit's trace leads to
+the ledger write that recorded it; the span carries the tenant, the number of records (``costmesh.savings.records``)
+and their sum (``costmesh.cache.saved_micros``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import asyncio
 import contextvars
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,14 +39,13 @@ from opentelemetry import trace
 
 from services.common import semconv as sc
 from services.common.attribution import Attribution
-from services.common.errors import CostmeshError, DeadlineExceeded, Unavailable
+from services.common.errors import TRANSIENT, CostmeshError
 from services.common.pricing import TokenUsage
 from services.router.classifier.types import Tier
 
 log = structlog.get_logger("costmesh.router.savings")
 
 FLUSH_SPAN = "costmesh.savings.flush"
-_TRANSIENT = (Unavailable, DeadlineExceeded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +96,7 @@ class SavingsBatcher:
     ) -> None:
         self._sink = sink
         self._s = settings or SavingsSettings()
-        self._tracer = tracer or trace.get_tracer("costmesh.router.savings")
+        self._tracer = tracer
         self._clock = clock
         self._pending: dict[str, list[_Queued]] = {}
         self._count = 0  # queued plus in flight: what max_pending bounds
@@ -183,22 +184,10 @@ class SavingsBatcher:
     async def _send(self, tenant: str, batch: list[_Queued]) -> bool:
         """True when the batch is done with (recorded, or rejected for good); False to retry it."""
         records = [q.record for q in batch]
-        links = [trace.Link(r.span) for r in records if r.span is not None and r.span.is_valid]
-        attributes: dict[str, str | int] = {
-            sc.TENANT: tenant,
-            sc.SAVINGS_RECORDS: len(records),
-            sc.CACHE_SAVED_MICROS: sum(r.saved_micros for r in records),
-        }
-        with self._tracer.start_as_current_span(
-            FLUSH_SPAN,
-            context=trace.set_span_in_context(trace.INVALID_SPAN),
-            kind=trace.SpanKind.INTERNAL,
-            links=links,
-            attributes=attributes,
-        ) as span:
+        with self._flush_span(tenant, records) as span:
             try:
                 await self._sink.record_savings(tenant, records)
-            except _TRANSIENT as err:
+            except TRANSIENT as err:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, err.message))
                 log.warning("savings_deferred", tenant=tenant, records=len(records), error=err.message)
                 return False
@@ -208,6 +197,23 @@ class SavingsBatcher:
                 log.exception("savings_send_failed", tenant=tenant, records=len(records))
                 self._give_up(tenant, len(records), repr(err))
         return True
+
+    def _flush_span(self, tenant: str, records: list[SavingsRecord]) -> AbstractContextManager[trace.Span]:
+        """The batch's root span, linked to each hit's span; no span without a tracer (tracing off)."""
+        if self._tracer is None:
+            return nullcontext(trace.INVALID_SPAN)
+        attributes: dict[str, str | int] = {
+            sc.TENANT: tenant,
+            sc.SAVINGS_RECORDS: len(records),
+            sc.CACHE_SAVED_MICROS: sum(r.saved_micros for r in records),
+        }
+        return self._tracer.start_as_current_span(
+            FLUSH_SPAN,
+            context=trace.set_span_in_context(trace.INVALID_SPAN),
+            kind=trace.SpanKind.INTERNAL,
+            links=[trace.Link(r.span) for r in records if r.span is not None and r.span.is_valid],
+            attributes=attributes,
+        )
 
     def _give_up(self, tenant: str, n: int, why: str) -> None:
         if n:
