@@ -88,6 +88,38 @@ WINDOW_LIFETIME: Window.ValueType  # 4
 """Since the scope was created; never resets."""
 Global___Window: _TypeAlias = Window  # noqa: Y015
 
+class _ReservationState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReservationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReservationState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESERVATION_STATE_UNSPECIFIED: _ReservationState.ValueType  # 0
+    """Not set."""
+    RESERVATION_STATE_HELD: _ReservationState.ValueType  # 1
+    """Its estimate is held against every applicable scope."""
+    RESERVATION_STATE_COMMITTED: _ReservationState.ValueType  # 2
+    """Settled with the actual cost."""
+    RESERVATION_STATE_RELEASED: _ReservationState.ValueType  # 3
+    """Returned unused."""
+    RESERVATION_STATE_EXPIRED: _ReservationState.ValueType  # 4
+    """Its TTL passed before it was settled; its money went back to the scopes."""
+
+class ReservationState(_ReservationState, metaclass=_ReservationStateEnumTypeWrapper):
+    """Where a reservation is in its life."""
+
+RESERVATION_STATE_UNSPECIFIED: ReservationState.ValueType  # 0
+"""Not set."""
+RESERVATION_STATE_HELD: ReservationState.ValueType  # 1
+"""Its estimate is held against every applicable scope."""
+RESERVATION_STATE_COMMITTED: ReservationState.ValueType  # 2
+"""Settled with the actual cost."""
+RESERVATION_STATE_RELEASED: ReservationState.ValueType  # 3
+"""Returned unused."""
+RESERVATION_STATE_EXPIRED: ReservationState.ValueType  # 4
+"""Its TTL passed before it was settled; its money went back to the scopes."""
+Global___ReservationState: _TypeAlias = ReservationState  # noqa: Y015
+
 class _SavingsReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -401,6 +433,7 @@ class ReserveResponse(_message.Message):
     REPLAYED_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_CAP_FIELD_NUMBER: _builtins.int
     REMAINING_MICROS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     """Reservation id to pass to Commit or Release."""
     expires_unix_ms: _builtins.int
@@ -413,6 +446,11 @@ class ReserveResponse(_message.Message):
     """Smallest max_tokens_per_request cap among the applicable scopes; 0 = no cap."""
     remaining_micros: _builtins.int
     """Smallest remaining_micros across applicable cost limits; unset when no cost limit applies."""
+    state: Global___ReservationState.ValueType
+    """State of the reservation this answer names: HELD, or COMMITTED when it replays a reservation already settled
+    with a commit. A request_id whose reservation was released or expired is admitted afresh (a new reservation
+    id, replayed = false): nothing was held for it any more.
+    """
     @_builtins.property
     def headroom(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScopeHeadroom]:
         """Headroom after this reservation for every limited scope/window that applied."""
@@ -427,10 +465,11 @@ class ReserveResponse(_message.Message):
         replayed: _builtins.bool = ...,
         max_tokens_cap: _builtins.int = ...,
         remaining_micros: _builtins.int | None = ...,
+        state: Global___ReservationState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_remaining_micros", b"_remaining_micros", "remaining_micros", b"remaining_micros"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remaining_micros", b"_remaining_micros", "expires_unix_ms", b"expires_unix_ms", "headroom", b"headroom", "max_tokens_cap", b"max_tokens_cap", "remaining_micros", b"remaining_micros", "replayed", b"replayed", "reservation_id", b"reservation_id", "soft_limit_exceeded", b"soft_limit_exceeded"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remaining_micros", b"_remaining_micros", "expires_unix_ms", b"expires_unix_ms", "headroom", b"headroom", "max_tokens_cap", b"max_tokens_cap", "remaining_micros", b"remaining_micros", "replayed", b"replayed", "reservation_id", b"reservation_id", "soft_limit_exceeded", b"soft_limit_exceeded", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__remaining_micros: _TypeAlias = _typing.Literal["remaining_micros"]  # noqa: Y015
     _WhichOneofArgType__remaining_micros: _TypeAlias = _typing.Literal["_remaining_micros", b"_remaining_micros"]  # noqa: Y015
@@ -496,6 +535,7 @@ class CommitResponse(_message.Message):
     OVER_ESTIMATE_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
     REMAINING_MICROS_FIELD_NUMBER: _builtins.int
+    LATE_FIELD_NUMBER: _builtins.int
     charged_micros: _builtins.int
     """Cost recorded, micro-USD."""
     over_estimate: _builtins.bool
@@ -504,6 +544,11 @@ class CommitResponse(_message.Message):
     """True when the reservation had already been committed (idempotent replay)."""
     remaining_micros: _builtins.int
     """Smallest remaining_micros across applicable cost limits after the commit; unset when none applies."""
+    late: _builtins.bool
+    """True when the reservation had expired or been released before this commit: the spend is still recorded in
+    full (the work ran), but nothing was held for it, so it may pass a limit. Counted as an overspend event
+    (costmesh_budget_late_commits_total) and logged as budget_commit_late.
+    """
     def __init__(
         self,
         *,
@@ -511,10 +556,11 @@ class CommitResponse(_message.Message):
         over_estimate: _builtins.bool = ...,
         replayed: _builtins.bool = ...,
         remaining_micros: _builtins.int | None = ...,
+        late: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_remaining_micros", b"_remaining_micros", "remaining_micros", b"remaining_micros"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remaining_micros", b"_remaining_micros", "charged_micros", b"charged_micros", "over_estimate", b"over_estimate", "remaining_micros", b"remaining_micros", "replayed", b"replayed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_remaining_micros", b"_remaining_micros", "charged_micros", b"charged_micros", "late", b"late", "over_estimate", b"over_estimate", "remaining_micros", b"remaining_micros", "replayed", b"replayed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__remaining_micros: _TypeAlias = _typing.Literal["remaining_micros"]  # noqa: Y015
     _WhichOneofArgType__remaining_micros: _TypeAlias = _typing.Literal["_remaining_micros", b"_remaining_micros"]  # noqa: Y015
@@ -573,6 +619,58 @@ class ReleaseResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseResponse: _TypeAlias = ReleaseResponse  # noqa: Y015
+
+@_typing.final
+class RenewReservationRequest(_message.Message):
+    """Request of RenewReservation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    reservation_id: _builtins.str
+    """Reservation to extend."""
+    tenant: _builtins.str
+    """Tenant that owns the reservation; a different tenant gets NOT_FOUND."""
+    ttl_seconds: _builtins.int
+    """Seconds from now until it expires (never shortens it). 0 = the server default (300); capped by max_ttl_s."""
+    def __init__(
+        self,
+        *,
+        reservation_id: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        ttl_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reservation_id", b"reservation_id", "tenant", b"tenant", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewReservationRequest: _TypeAlias = RenewReservationRequest  # noqa: Y015
+
+@_typing.final
+class RenewReservationResponse(_message.Message):
+    """Response of RenewReservation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _builtins.int
+    expires_unix_ms: _builtins.int
+    """When the reservation now expires, Unix ms."""
+    def __init__(
+        self,
+        *,
+        expires_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_unix_ms", b"expires_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewReservationResponse: _TypeAlias = RenewReservationResponse  # noqa: Y015
 
 @_typing.final
 class RecordSavingsRequest(_message.Message):
@@ -658,7 +756,7 @@ class RecordSavingsBatchRequest(_message.Message):
     """Tenant of every record; a record's attribution.tenant must be empty (filled in with this) or equal it."""
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordSavingsRequest]:
-        """1-1000 records, with distinct request_ids."""
+        """1-1000 records. A request_id repeated within the batch counts once: its later records are replays."""
 
     def __init__(
         self,
@@ -683,7 +781,9 @@ class RecordSavingsBatchResponse(_message.Message):
     REPLAYED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def replayed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
-        """Per record, in request order: true when it replays an earlier record with the same request_id."""
+        """Per record, in request order: true when it replays an earlier record with the same request_id (in an earlier
+        call or earlier in this batch).
+        """
 
     def __init__(
         self,
@@ -858,6 +958,7 @@ class UsageRow(_message.Message):
     SAVED_MICROS_FIELD_NUMBER: _builtins.int
     CACHE_HITS_FIELD_NUMBER: _builtins.int
     OVER_ESTIMATE_COMMITS_FIELD_NUMBER: _builtins.int
+    LATE_COMMITS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Group key: values of the requested dimensions (unset dimensions are empty)."""
     team: _builtins.str
@@ -880,6 +981,8 @@ class UsageRow(_message.Message):
     """Cache hits recorded."""
     over_estimate_commits: _builtins.int
     """Commits whose actual cost exceeded the estimate."""
+    late_commits: _builtins.int
+    """Commits of a reservation that had expired or been released (recorded in full; overspend events)."""
     @_builtins.property
     def usage(self) -> _common_pb2.Usage:
         """Tokens of committed requests."""
@@ -899,10 +1002,11 @@ class UsageRow(_message.Message):
         saved_micros: _builtins.int = ...,
         cache_hits: _builtins.int = ...,
         over_estimate_commits: _builtins.int = ...,
+        late_commits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hits", b"cache_hits", "cost_micros", b"cost_micros", "end_user", b"end_user", "feature", b"feature", "model", b"model", "over_estimate_commits", b"over_estimate_commits", "requests", b"requests", "saved_micros", b"saved_micros", "team", b"team", "tenant", b"tenant", "tier", b"tier", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hits", b"cache_hits", "cost_micros", b"cost_micros", "end_user", b"end_user", "feature", b"feature", "late_commits", b"late_commits", "model", b"model", "over_estimate_commits", b"over_estimate_commits", "requests", b"requests", "saved_micros", b"saved_micros", "team", b"team", "tenant", b"tenant", "tier", b"tier", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

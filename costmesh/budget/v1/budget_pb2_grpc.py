@@ -52,6 +52,11 @@ class BudgetServiceStub:
                 request_serializer=costmesh_dot_budget_dot_v1_dot_budget__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=costmesh_dot_budget_dot_v1_dot_budget__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.RenewReservation = channel.unary_unary(
+                '/costmesh.budget.v1.BudgetService/RenewReservation',
+                request_serializer=costmesh_dot_budget_dot_v1_dot_budget__pb2.RenewReservationRequest.SerializeToString,
+                response_deserializer=costmesh_dot_budget_dot_v1_dot_budget__pb2.RenewReservationResponse.FromString,
+                _registered_method=True)
         self.RecordSavings = channel.unary_unary(
                 '/costmesh.budget.v1.BudgetService/RecordSavings',
                 request_serializer=costmesh_dot_budget_dot_v1_dot_budget__pb2.RecordSavingsRequest.SerializeToString,
@@ -94,7 +99,8 @@ class BudgetServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Commit(self, request, context):
-        """Settles a reservation with the actual cost (which may exceed the estimate). Idempotent.
+        """Settles a reservation with the actual cost (which may exceed the estimate). Idempotent. A reservation that
+        expired or was released is still charged in full and flagged late (the work ran; the ledger is the truth).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,6 +108,14 @@ class BudgetServiceServicer:
 
     def Release(self, request, context):
         """Returns a reservation's money unused. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewReservation(self, request, context):
+        """Extends a held reservation's expiry while its work still runs (a long generation, a queued async job).
+        FAILED_PRECONDITION (ErrorInfo reason RESERVATION_SETTLED or RESERVATION_EXPIRED) when it is no longer held.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -161,6 +175,11 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=costmesh_dot_budget_dot_v1_dot_budget__pb2.ReleaseRequest.FromString,
                     response_serializer=costmesh_dot_budget_dot_v1_dot_budget__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'RenewReservation': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewReservation,
+                    request_deserializer=costmesh_dot_budget_dot_v1_dot_budget__pb2.RenewReservationRequest.FromString,
+                    response_serializer=costmesh_dot_budget_dot_v1_dot_budget__pb2.RenewReservationResponse.SerializeToString,
             ),
             'RecordSavings': grpc.unary_unary_rpc_method_handler(
                     servicer.RecordSavings,
@@ -272,6 +291,33 @@ class BudgetService:
             '/costmesh.budget.v1.BudgetService/Release',
             costmesh_dot_budget_dot_v1_dot_budget__pb2.ReleaseRequest.SerializeToString,
             costmesh_dot_budget_dot_v1_dot_budget__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewReservation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/costmesh.budget.v1.BudgetService/RenewReservation',
+            costmesh_dot_budget_dot_v1_dot_budget__pb2.RenewReservationRequest.SerializeToString,
+            costmesh_dot_budget_dot_v1_dot_budget__pb2.RenewReservationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,9 +41,15 @@ class BudgetServiceStub:
     RESOURCE_EXHAUSTED (with QuotaFailure and RetryInfo) when any hard limit or rate cap would be passed.
     """
     Commit: _grpc.UnaryUnaryMultiCallable[_budget_pb2.CommitRequest, _budget_pb2.CommitResponse]
-    """Settles a reservation with the actual cost (which may exceed the estimate). Idempotent."""
+    """Settles a reservation with the actual cost (which may exceed the estimate). Idempotent. A reservation that
+    expired or was released is still charged in full and flagged late (the work ran; the ledger is the truth).
+    """
     Release: _grpc.UnaryUnaryMultiCallable[_budget_pb2.ReleaseRequest, _budget_pb2.ReleaseResponse]
     """Returns a reservation's money unused. Idempotent."""
+    RenewReservation: _grpc.UnaryUnaryMultiCallable[_budget_pb2.RenewReservationRequest, _budget_pb2.RenewReservationResponse]
+    """Extends a held reservation's expiry while its work still runs (a long generation, a queued async job).
+    FAILED_PRECONDITION (ErrorInfo reason RESERVATION_SETTLED or RESERVATION_EXPIRED) when it is no longer held.
+    """
     RecordSavings: _grpc.UnaryUnaryMultiCallable[_budget_pb2.RecordSavingsRequest, _budget_pb2.RecordSavingsResponse]
     """Records cost avoided without a reservation (a cache hit). Idempotent on request_id."""
     RecordSavingsBatch: _grpc.UnaryUnaryMultiCallable[_budget_pb2.RecordSavingsBatchRequest, _budget_pb2.RecordSavingsBatchResponse]
@@ -71,9 +77,15 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     RESOURCE_EXHAUSTED (with QuotaFailure and RetryInfo) when any hard limit or rate cap would be passed.
     """
     Commit: _aio.UnaryUnaryMultiCallable[_budget_pb2.CommitRequest, _budget_pb2.CommitResponse]  # type: ignore[assignment]
-    """Settles a reservation with the actual cost (which may exceed the estimate). Idempotent."""
+    """Settles a reservation with the actual cost (which may exceed the estimate). Idempotent. A reservation that
+    expired or was released is still charged in full and flagged late (the work ran; the ledger is the truth).
+    """
     Release: _aio.UnaryUnaryMultiCallable[_budget_pb2.ReleaseRequest, _budget_pb2.ReleaseResponse]  # type: ignore[assignment]
     """Returns a reservation's money unused. Idempotent."""
+    RenewReservation: _aio.UnaryUnaryMultiCallable[_budget_pb2.RenewReservationRequest, _budget_pb2.RenewReservationResponse]  # type: ignore[assignment]
+    """Extends a held reservation's expiry while its work still runs (a long generation, a queued async job).
+    FAILED_PRECONDITION (ErrorInfo reason RESERVATION_SETTLED or RESERVATION_EXPIRED) when it is no longer held.
+    """
     RecordSavings: _aio.UnaryUnaryMultiCallable[_budget_pb2.RecordSavingsRequest, _budget_pb2.RecordSavingsResponse]  # type: ignore[assignment]
     """Records cost avoided without a reservation (a cache hit). Idempotent on request_id."""
     RecordSavingsBatch: _aio.UnaryUnaryMultiCallable[_budget_pb2.RecordSavingsBatchRequest, _budget_pb2.RecordSavingsBatchResponse]  # type: ignore[assignment]
@@ -110,7 +122,9 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _budget_pb2.CommitRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_budget_pb2.CommitResponse, _abc.Awaitable[_budget_pb2.CommitResponse]]:
-        """Settles a reservation with the actual cost (which may exceed the estimate). Idempotent."""
+        """Settles a reservation with the actual cost (which may exceed the estimate). Idempotent. A reservation that
+        expired or was released is still charged in full and flagged late (the work ran; the ledger is the truth).
+        """
 
     @_abc_1.abstractmethod
     def Release(
@@ -119,6 +133,16 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_budget_pb2.ReleaseResponse, _abc.Awaitable[_budget_pb2.ReleaseResponse]]:
         """Returns a reservation's money unused. Idempotent."""
+
+    @_abc_1.abstractmethod
+    def RenewReservation(
+        self,
+        request: _budget_pb2.RenewReservationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_pb2.RenewReservationResponse, _abc.Awaitable[_budget_pb2.RenewReservationResponse]]:
+        """Extends a held reservation's expiry while its work still runs (a long generation, a queued async job).
+        FAILED_PRECONDITION (ErrorInfo reason RESERVATION_SETTLED or RESERVATION_EXPIRED) when it is no longer held.
+        """
 
     @_abc_1.abstractmethod
     def RecordSavings(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from costmesh.common.v1 import common_pb2 as costmesh_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63ostmesh/infer/v1/infer.proto\x12\x11\x63ostmesh.infer.v1\x1a\x1f\x63ostmesh/common/v1/common.proto\"\xc5\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x04tier\x18\x02 \x01(\x0e\x32\x18.costmesh.common.v1.Tier\x12\x31\n\x08messages\x18\x03 \x03(\x0b\x32\x1f.costmesh.common.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x34\n\x08sampling\x18\x05 \x01(\x0b\x32\".costmesh.common.v1.SamplingParams\x12\x33\n\x0bqueue_class\x18\x06 \x01(\x0e\x32\x1e.costmesh.common.v1.QueueClass\x12\x34\n\x0b\x61ttribution\x18\x07 \x01(\x0b\x32\x1f.costmesh.common.v1.Attribution\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\"\xe1\x01\n\x11GenerationSummary\x12(\n\x05usage\x18\x01 \x01(\x0b\x32\x19.costmesh.common.v1.Usage\x12\x37\n\rfinish_reason\x18\x02 \x01(\x0e\x32 .costmesh.common.v1.FinishReason\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x01\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\r\n\x05model\x18\x05 \x01(\t\x12&\n\x04tier\x18\x06 \x01(\x0e\x32\x18.costmesh.common.v1.Tier\"l\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x35\n\x07summary\x18\x03 \x01(\x0b\x32$.costmesh.infer.v1.GenerationSummary\"\xe7\x01\n\x10SubmitJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x08messages\x18\x02 \x03(\x0b\x32\x1f.costmesh.common.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x34\n\x08sampling\x18\x04 \x01(\x0b\x32\".costmesh.common.v1.SamplingParams\x12\x34\n\x0b\x61ttribution\x18\x05 \x01(\x0b\x32\x1f.costmesh.common.v1.Attribution\x12\x10\n\x08metadata\x18\x06 \x01(\t\"b\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.costmesh.common.v1.JobState\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"/\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"\xf8\x01\n\x0eGetJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.costmesh.common.v1.JobState\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x35\n\x07summary\x18\x04 \x01(\x0b\x32$.costmesh.infer.v1.GenerationSummary\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\r\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\x12\x18\n\x10\x66inished_unix_ms\x18\x08 \x01(\x03\x12\x10\n\x08metadata\x18\t \x01(\t\"\x13\n\x11ListModelsRequest\"\x89\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04tier\x18\x02 \x01(\x0e\x32\x18.costmesh.common.v1.Tier\x12(\n\x05price\x18\x03 \x01(\x0b\x32\x19.costmesh.common.v1.Price\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\r\x12\x1c\n\x14interactive_capacity\x18\x06 \x01(\r\x12\x1c\n\x14\x61sync_queue_capacity\x18\x07 \x01(\r\x12\x1b\n\x13interactive_reserve\x18\x08 \x01(\r\x12\x16\n\x0eprefix_caching\x18\t \x01(\x08\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.costmesh.infer.v1.ModelInfo2\xeb\x02\n\x10InferenceService\x12U\n\x08Generate\x12\".costmesh.infer.v1.GenerateRequest\x1a#.costmesh.infer.v1.GenerateResponse0\x01\x12V\n\tSubmitJob\x12#.costmesh.infer.v1.SubmitJobRequest\x1a$.costmesh.infer.v1.SubmitJobResponse\x12M\n\x06GetJob\x12 .costmesh.infer.v1.GetJobRequest\x1a!.costmesh.infer.v1.GetJobResponse\x12Y\n\nListModels\x12$.costmesh.infer.v1.ListModelsRequest\x1a%.costmesh.infer.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63ostmesh/infer/v1/infer.proto\x12\x11\x63ostmesh.infer.v1\x1a\x1f\x63ostmesh/common/v1/common.proto\"\xd3\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x04tier\x18\x02 \x01(\x0e\x32\x18.costmesh.common.v1.Tier\x12\x31\n\x08messages\x18\x03 \x03(\x0b\x32\x1f.costmesh.common.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x34\n\x08sampling\x18\x05 \x01(\x0b\x32\".costmesh.common.v1.SamplingParams\x12\x33\n\x0bqueue_class\x18\x06 \x01(\x0e\x32\x1e.costmesh.common.v1.QueueClass\x12\x34\n\x0b\x61ttribution\x18\x07 \x01(\x0b\x32\x1f.costmesh.common.v1.Attribution\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x0c\n\x04stop\x18\t \x01(\x08\"\xe1\x01\n\x11GenerationSummary\x12(\n\x05usage\x18\x01 \x01(\x0b\x32\x19.costmesh.common.v1.Usage\x12\x37\n\rfinish_reason\x18\x02 \x01(\x0e\x32 .costmesh.common.v1.FinishReason\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x01\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\r\n\x05model\x18\x05 \x01(\t\x12&\n\x04tier\x18\x06 \x01(\x0e\x32\x18.costmesh.common.v1.Tier\"l\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x35\n\x07summary\x18\x03 \x01(\x0b\x32$.costmesh.infer.v1.GenerationSummary\"\xe7\x01\n\x10SubmitJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x08messages\x18\x02 \x03(\x0b\x32\x1f.costmesh.common.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x34\n\x08sampling\x18\x04 \x01(\x0b\x32\".costmesh.common.v1.SamplingParams\x12\x34\n\x0b\x61ttribution\x18\x05 \x01(\x0b\x32\x1f.costmesh.common.v1.Attribution\x12\x10\n\x08metadata\x18\x06 \x01(\t\"t\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.costmesh.common.v1.JobState\x12\x10\n\x08replayed\x18\x03 \x01(\x08\x12\x10\n\x08metadata\x18\x04 \x01(\t\"C\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"5\n\x0eGetJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.costmesh.infer.v1.Job\"\xa2\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.costmesh.common.v1.JobState\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x35\n\x07summary\x18\x04 \x01(\x0b\x32$.costmesh.infer.v1.GenerationSummary\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\r\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\x12\x18\n\x10\x66inished_unix_ms\x18\x08 \x01(\x03\x12\x10\n\x08metadata\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x0e\n\x06tenant\x18\x0b \x01(\t\x12\x0f\n\x07settled\x18\x0c \x01(\x08\"~\n\x0fListJobsRequest\x12\x16\n\x0eunsettled_only\x18\x01 \x01(\x08\x12,\n\x06states\x18\x02 \x03(\x0e\x32\x1c.costmesh.common.v1.JobState\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"Q\n\x10ListJobsResponse\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.costmesh.infer.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x15MarkJobSettledRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"*\n\x16MarkJobSettledResponse\x12\x10\n\x08replayed\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"\x89\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04tier\x18\x02 \x01(\x0e\x32\x18.costmesh.common.v1.Tier\x12(\n\x05price\x18\x03 \x01(\x0b\x32\x19.costmesh.common.v1.Price\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\r\x12\x1c\n\x14interactive_capacity\x18\x06 \x01(\r\x12\x1c\n\x14\x61sync_queue_capacity\x18\x07 \x01(\r\x12\x1b\n\x13interactive_reserve\x18\x08 \x01(\r\x12\x16\n\x0eprefix_caching\x18\t \x01(\x08\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.costmesh.infer.v1.ModelInfo2\xa9\x04\n\x10InferenceService\x12W\n\x08Generate\x12\".costmesh.infer.v1.GenerateRequest\x1a#.costmesh.infer.v1.GenerateResponse(\x01\x30\x01\x12V\n\tSubmitJob\x12#.costmesh.infer.v1.SubmitJobRequest\x1a$.costmesh.infer.v1.SubmitJobResponse\x12M\n\x06GetJob\x12 .costmesh.infer.v1.GetJobRequest\x1a!.costmesh.infer.v1.GetJobResponse\x12S\n\x08ListJobs\x12\".costmesh.infer.v1.ListJobsRequest\x1a#.costmesh.infer.v1.ListJobsResponse\x12\x65\n\x0eMarkJobSettled\x12(.costmesh.infer.v1.MarkJobSettledRequest\x1a).costmesh.infer.v1.MarkJobSettledResponse\x12Y\n\nListModels\x12$.costmesh.infer.v1.ListModelsRequest\x1a%.costmesh.infer.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,25 +33,35 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'costmesh.infer.v1.infer_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=86
-  _globals['_GENERATEREQUEST']._serialized_end=411
-  _globals['_GENERATIONSUMMARY']._serialized_start=414
-  _globals['_GENERATIONSUMMARY']._serialized_end=639
-  _globals['_GENERATERESPONSE']._serialized_start=641
-  _globals['_GENERATERESPONSE']._serialized_end=749
-  _globals['_SUBMITJOBREQUEST']._serialized_start=752
-  _globals['_SUBMITJOBREQUEST']._serialized_end=983
-  _globals['_SUBMITJOBRESPONSE']._serialized_start=985
-  _globals['_SUBMITJOBRESPONSE']._serialized_end=1083
-  _globals['_GETJOBREQUEST']._serialized_start=1085
-  _globals['_GETJOBREQUEST']._serialized_end=1132
-  _globals['_GETJOBRESPONSE']._serialized_start=1135
-  _globals['_GETJOBRESPONSE']._serialized_end=1383
-  _globals['_LISTMODELSREQUEST']._serialized_start=1385
-  _globals['_LISTMODELSREQUEST']._serialized_end=1404
-  _globals['_MODELINFO']._serialized_start=1407
-  _globals['_MODELINFO']._serialized_end=1672
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1674
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1740
-  _globals['_INFERENCESERVICE']._serialized_start=1743
-  _globals['_INFERENCESERVICE']._serialized_end=2106
+  _globals['_GENERATEREQUEST']._serialized_end=425
+  _globals['_GENERATIONSUMMARY']._serialized_start=428
+  _globals['_GENERATIONSUMMARY']._serialized_end=653
+  _globals['_GENERATERESPONSE']._serialized_start=655
+  _globals['_GENERATERESPONSE']._serialized_end=763
+  _globals['_SUBMITJOBREQUEST']._serialized_start=766
+  _globals['_SUBMITJOBREQUEST']._serialized_end=997
+  _globals['_SUBMITJOBRESPONSE']._serialized_start=999
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=1115
+  _globals['_GETJOBREQUEST']._serialized_start=1117
+  _globals['_GETJOBREQUEST']._serialized_end=1184
+  _globals['_GETJOBRESPONSE']._serialized_start=1186
+  _globals['_GETJOBRESPONSE']._serialized_end=1239
+  _globals['_JOB']._serialized_start=1242
+  _globals['_JOB']._serialized_end=1532
+  _globals['_LISTJOBSREQUEST']._serialized_start=1534
+  _globals['_LISTJOBSREQUEST']._serialized_end=1660
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1662
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1743
+  _globals['_MARKJOBSETTLEDREQUEST']._serialized_start=1745
+  _globals['_MARKJOBSETTLEDREQUEST']._serialized_end=1800
+  _globals['_MARKJOBSETTLEDRESPONSE']._serialized_start=1802
+  _globals['_MARKJOBSETTLEDRESPONSE']._serialized_end=1844
+  _globals['_LISTMODELSREQUEST']._serialized_start=1846
+  _globals['_LISTMODELSREQUEST']._serialized_end=1865
+  _globals['_MODELINFO']._serialized_start=1868
+  _globals['_MODELINFO']._serialized_end=2133
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2135
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2201
+  _globals['_INFERENCESERVICE']._serialized_start=2204
+  _globals['_INFERENCESERVICE']._serialized_end=2757
 # @@protoc_insertion_point(module_scope)

@@ -33,6 +33,7 @@ class GenerateRequest(_message.Message):
     QUEUE_CLASS_FIELD_NUMBER: _builtins.int
     ATTRIBUTION_FIELD_NUMBER: _builtins.int
     IGNORE_EOS_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Caller's request id (1-128 characters); used as the engine request id prefix and in logs."""
     tier: _common_pb2.Tier.ValueType
@@ -45,6 +46,8 @@ class GenerateRequest(_message.Message):
     """Scheduling class; unset = interactive."""
     ignore_eos: _builtins.bool
     """Benchmarks only: keep generating past end-of-sequence until max_tokens."""
+    stop: _builtins.bool
+    """On a later message of the stream (every other field unset): stop now and end with the summary so far."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
         """Conversation, rendered with the model's chat template. Required unless prompt is set."""
@@ -68,10 +71,11 @@ class GenerateRequest(_message.Message):
         queue_class: _common_pb2.QueueClass.ValueType = ...,
         attribution: _common_pb2.Attribution | None = ...,
         ignore_eos: _builtins.bool = ...,
+        stop: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "ignore_eos", b"ignore_eos", "messages", b"messages", "prompt", b"prompt", "queue_class", b"queue_class", "request_id", b"request_id", "sampling", b"sampling", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "ignore_eos", b"ignore_eos", "messages", b"messages", "prompt", b"prompt", "queue_class", b"queue_class", "request_id", b"request_id", "sampling", b"sampling", "stop", b"stop", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -210,22 +214,26 @@ class SubmitJobResponse(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Job id to pass to GetJob."""
     state: _common_pb2.JobState.ValueType
     """State right after submission (QUEUED, or later when replayed)."""
     replayed: _builtins.bool
     """True when this replays an earlier submission with the same request_id."""
+    metadata: _builtins.str
+    """The stored job's metadata: the original submission's when replayed (it may differ from this request's)."""
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         state: _common_pb2.JobState.ValueType = ...,
         replayed: _builtins.bool = ...,
+        metadata: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "replayed", b"replayed", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "metadata", b"metadata", "replayed", b"replayed", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -239,19 +247,25 @@ class GetJobRequest(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """Job id from SubmitJob."""
+    """Job id from SubmitJob. Empty = look the job up by (tenant, request_id)."""
     tenant: _builtins.str
-    """Tenant that submitted the job; another tenant gets NOT_FOUND. Empty = no check (admin / internal)."""
+    """Tenant that submitted the job; another tenant gets NOT_FOUND. Empty = no check (admin / internal); required
+    with request_id.
+    """
+    request_id: _builtins.str
+    """The submission's request_id, when job_id is empty."""
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         tenant: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -260,6 +274,30 @@ Global___GetJobRequest: _TypeAlias = GetJobRequest  # noqa: Y015
 @_typing.final
 class GetJobResponse(_message.Message):
     """Response of GetJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___Job:
+        """The job."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobResponse: _TypeAlias = GetJobResponse  # noqa: Y015
+
+@_typing.final
+class Job(_message.Message):
+    """An async job and, when finished, its result."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -272,6 +310,9 @@ class GetJobResponse(_message.Message):
     CREATED_UNIX_MS_FIELD_NUMBER: _builtins.int
     FINISHED_UNIX_MS_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    SETTLED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Job id."""
     state: _common_pb2.JobState.ValueType
@@ -288,6 +329,12 @@ class GetJobResponse(_message.Message):
     """Completion time, Unix ms; 0 while not finished."""
     metadata: _builtins.str
     """Metadata given at submission."""
+    request_id: _builtins.str
+    """The submission's request_id."""
+    tenant: _builtins.str
+    """Tenant that submitted it."""
+    settled: _builtins.bool
+    """True once MarkJobSettled recorded that its reservation was settled."""
     @_builtins.property
     def summary(self) -> Global___GenerationSummary:
         """Usage and timing when SUCCEEDED."""
@@ -304,14 +351,129 @@ class GetJobResponse(_message.Message):
         created_unix_ms: _builtins.int = ...,
         finished_unix_ms: _builtins.int = ...,
         metadata: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        settled: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_unix_ms", b"created_unix_ms", "error", b"error", "finished_unix_ms", b"finished_unix_ms", "job_id", b"job_id", "metadata", b"metadata", "state", b"state", "summary", b"summary", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_unix_ms", b"created_unix_ms", "error", b"error", "finished_unix_ms", b"finished_unix_ms", "job_id", b"job_id", "metadata", b"metadata", "request_id", b"request_id", "settled", b"settled", "state", b"state", "summary", b"summary", "tenant", b"tenant", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetJobResponse: _TypeAlias = GetJobResponse  # noqa: Y015
+Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class ListJobsRequest(_message.Message):
+    """Request of ListJobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNSETTLED_ONLY_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    unsettled_only: _builtins.bool
+    """Only jobs whose settlement is not recorded yet (finished or not)."""
+    page_size: _builtins.int
+    """Most jobs to return (1-1000; 0 = 100)."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token; empty = from the oldest."""
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.JobState.ValueType]:
+        """Only jobs in these states; empty = any state."""
+
+    def __init__(
+        self,
+        *,
+        unsettled_only: _builtins.bool = ...,
+        states: _abc.Iterable[_common_pb2.JobState.ValueType] | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "states", b"states", "unsettled_only", b"unsettled_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobsRequest: _TypeAlias = ListJobsRequest  # noqa: Y015
+
+@_typing.final
+class ListJobsResponse(_message.Message):
+    """Response of ListJobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty when there are no more."""
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Job]:
+        """Matching jobs, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___Job] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobsResponse: _TypeAlias = ListJobsResponse  # noqa: Y015
+
+@_typing.final
+class MarkJobSettledRequest(_message.Message):
+    """Request of MarkJobSettled."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Job whose reservation was settled; it must be finished (FAILED_PRECONDITION otherwise)."""
+    tenant: _builtins.str
+    """Tenant that submitted it; another tenant gets NOT_FOUND. Empty = no check (internal)."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkJobSettledRequest: _TypeAlias = MarkJobSettledRequest  # noqa: Y015
+
+@_typing.final
+class MarkJobSettledResponse(_message.Message):
+    """Response of MarkJobSettled."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when the job was already marked settled."""
+    def __init__(
+        self,
+        *,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkJobSettledResponse: _TypeAlias = MarkJobSettledResponse  # noqa: Y015
 
 @_typing.final
 class ListModelsRequest(_message.Message):

@@ -36,7 +36,7 @@ class InferenceServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Generate = channel.unary_stream(
+        self.Generate = channel.stream_stream(
                 '/costmesh.infer.v1.InferenceService/Generate',
                 request_serializer=costmesh_dot_infer_dot_v1_dot_infer__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=costmesh_dot_infer_dot_v1_dot_infer__pb2.GenerateResponse.FromString,
@@ -51,6 +51,16 @@ class InferenceServiceStub:
                 request_serializer=costmesh_dot_infer_dot_v1_dot_infer__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=costmesh_dot_infer_dot_v1_dot_infer__pb2.GetJobResponse.FromString,
                 _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/costmesh.infer.v1.InferenceService/ListJobs',
+                request_serializer=costmesh_dot_infer_dot_v1_dot_infer__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=costmesh_dot_infer_dot_v1_dot_infer__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.MarkJobSettled = channel.unary_unary(
+                '/costmesh.infer.v1.InferenceService/MarkJobSettled',
+                request_serializer=costmesh_dot_infer_dot_v1_dot_infer__pb2.MarkJobSettledRequest.SerializeToString,
+                response_deserializer=costmesh_dot_infer_dot_v1_dot_infer__pb2.MarkJobSettledResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/costmesh.infer.v1.InferenceService/ListModels',
                 request_serializer=costmesh_dot_infer_dot_v1_dot_infer__pb2.ListModelsRequest.SerializeToString,
@@ -63,22 +73,41 @@ class InferenceServiceServicer:
     bounded async queue that only runs on spare capacity.
     """
 
-    def Generate(self, request, context):
+    def Generate(self, request_iterator, context):
         """Streams generated text as it is produced; the last message carries usage, finish reason and TTFT.
+        The first request message carries the request. A later message with `stop` set stops the generation early and
+        the stream still ends with the summary of every token generated so far (finish reason ABORT), so the caller
+        can bill it; half-closing the request stream without `stop` changes nothing. Cancelling the call aborts the
+        generation with no summary.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SubmitJob(self, request, context):
-        """Persists an async job; it runs when the engine has spare capacity. Idempotent on request_id.
+        """Persists an async job; it runs when the engine has spare capacity. Idempotent on (tenant, request_id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetJob(self, request, context):
-        """Status and, when finished, result of an async job.
+        """Status and, when finished, result of an async job, by job id or by (tenant, request_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Jobs of this worker's store, oldest first, optionally only those whose settlement nobody has recorded yet:
+        how any router finds finished jobs to bill and running ones whose reservation to renew.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MarkJobSettled(self, request, context):
+        """Records that a finished job's reservation has been settled (committed or released). Idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,7 +123,7 @@ class InferenceServiceServicer:
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Generate': grpc.unary_stream_rpc_method_handler(
+            'Generate': grpc.stream_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=costmesh_dot_infer_dot_v1_dot_infer__pb2.GenerateRequest.FromString,
                     response_serializer=costmesh_dot_infer_dot_v1_dot_infer__pb2.GenerateResponse.SerializeToString,
@@ -108,6 +137,16 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetJob,
                     request_deserializer=costmesh_dot_infer_dot_v1_dot_infer__pb2.GetJobRequest.FromString,
                     response_serializer=costmesh_dot_infer_dot_v1_dot_infer__pb2.GetJobResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=costmesh_dot_infer_dot_v1_dot_infer__pb2.ListJobsRequest.FromString,
+                    response_serializer=costmesh_dot_infer_dot_v1_dot_infer__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'MarkJobSettled': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkJobSettled,
+                    request_deserializer=costmesh_dot_infer_dot_v1_dot_infer__pb2.MarkJobSettledRequest.FromString,
+                    response_serializer=costmesh_dot_infer_dot_v1_dot_infer__pb2.MarkJobSettledResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -128,7 +167,7 @@ class InferenceService:
     """
 
     @staticmethod
-    def Generate(request,
+    def Generate(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -138,8 +177,8 @@ class InferenceService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
             '/costmesh.infer.v1.InferenceService/Generate',
             costmesh_dot_infer_dot_v1_dot_infer__pb2.GenerateRequest.SerializeToString,
@@ -198,6 +237,60 @@ class InferenceService:
             '/costmesh.infer.v1.InferenceService/GetJob',
             costmesh_dot_infer_dot_v1_dot_infer__pb2.GetJobRequest.SerializeToString,
             costmesh_dot_infer_dot_v1_dot_infer__pb2.GetJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/costmesh.infer.v1.InferenceService/ListJobs',
+            costmesh_dot_infer_dot_v1_dot_infer__pb2.ListJobsRequest.SerializeToString,
+            costmesh_dot_infer_dot_v1_dot_infer__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkJobSettled(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/costmesh.infer.v1.InferenceService/MarkJobSettled',
+            costmesh_dot_infer_dot_v1_dot_infer__pb2.MarkJobSettledRequest.SerializeToString,
+            costmesh_dot_infer_dot_v1_dot_infer__pb2.MarkJobSettledResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,12 +35,23 @@ class InferenceServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> InferenceServiceAsyncStub: ...
-    Generate: _grpc.UnaryStreamMultiCallable[_infer_pb2.GenerateRequest, _infer_pb2.GenerateResponse]
-    """Streams generated text as it is produced; the last message carries usage, finish reason and TTFT."""
+    Generate: _grpc.StreamStreamMultiCallable[_infer_pb2.GenerateRequest, _infer_pb2.GenerateResponse]
+    """Streams generated text as it is produced; the last message carries usage, finish reason and TTFT.
+    The first request message carries the request. A later message with `stop` set stops the generation early and
+    the stream still ends with the summary of every token generated so far (finish reason ABORT), so the caller
+    can bill it; half-closing the request stream without `stop` changes nothing. Cancelling the call aborts the
+    generation with no summary.
+    """
     SubmitJob: _grpc.UnaryUnaryMultiCallable[_infer_pb2.SubmitJobRequest, _infer_pb2.SubmitJobResponse]
-    """Persists an async job; it runs when the engine has spare capacity. Idempotent on request_id."""
+    """Persists an async job; it runs when the engine has spare capacity. Idempotent on (tenant, request_id)."""
     GetJob: _grpc.UnaryUnaryMultiCallable[_infer_pb2.GetJobRequest, _infer_pb2.GetJobResponse]
-    """Status and, when finished, result of an async job."""
+    """Status and, when finished, result of an async job, by job id or by (tenant, request_id)."""
+    ListJobs: _grpc.UnaryUnaryMultiCallable[_infer_pb2.ListJobsRequest, _infer_pb2.ListJobsResponse]
+    """Jobs of this worker's store, oldest first, optionally only those whose settlement nobody has recorded yet:
+    how any router finds finished jobs to bill and running ones whose reservation to renew.
+    """
+    MarkJobSettled: _grpc.UnaryUnaryMultiCallable[_infer_pb2.MarkJobSettledRequest, _infer_pb2.MarkJobSettledResponse]
+    """Records that a finished job's reservation has been settled (committed or released). Idempotent."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_infer_pb2.ListModelsRequest, _infer_pb2.ListModelsResponse]
     """The model this worker serves, its prices and limits."""
 
@@ -51,12 +62,23 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Generate: _aio.UnaryStreamMultiCallable[_infer_pb2.GenerateRequest, _infer_pb2.GenerateResponse]  # type: ignore[assignment]
-    """Streams generated text as it is produced; the last message carries usage, finish reason and TTFT."""
+    Generate: _aio.StreamStreamMultiCallable[_infer_pb2.GenerateRequest, _infer_pb2.GenerateResponse]  # type: ignore[assignment]
+    """Streams generated text as it is produced; the last message carries usage, finish reason and TTFT.
+    The first request message carries the request. A later message with `stop` set stops the generation early and
+    the stream still ends with the summary of every token generated so far (finish reason ABORT), so the caller
+    can bill it; half-closing the request stream without `stop` changes nothing. Cancelling the call aborts the
+    generation with no summary.
+    """
     SubmitJob: _aio.UnaryUnaryMultiCallable[_infer_pb2.SubmitJobRequest, _infer_pb2.SubmitJobResponse]  # type: ignore[assignment]
-    """Persists an async job; it runs when the engine has spare capacity. Idempotent on request_id."""
+    """Persists an async job; it runs when the engine has spare capacity. Idempotent on (tenant, request_id)."""
     GetJob: _aio.UnaryUnaryMultiCallable[_infer_pb2.GetJobRequest, _infer_pb2.GetJobResponse]  # type: ignore[assignment]
-    """Status and, when finished, result of an async job."""
+    """Status and, when finished, result of an async job, by job id or by (tenant, request_id)."""
+    ListJobs: _aio.UnaryUnaryMultiCallable[_infer_pb2.ListJobsRequest, _infer_pb2.ListJobsResponse]  # type: ignore[assignment]
+    """Jobs of this worker's store, oldest first, optionally only those whose settlement nobody has recorded yet:
+    how any router finds finished jobs to bill and running ones whose reservation to renew.
+    """
+    MarkJobSettled: _aio.UnaryUnaryMultiCallable[_infer_pb2.MarkJobSettledRequest, _infer_pb2.MarkJobSettledResponse]  # type: ignore[assignment]
+    """Records that a finished job's reservation has been settled (committed or released). Idempotent."""
     ListModels: _aio.UnaryUnaryMultiCallable[_infer_pb2.ListModelsRequest, _infer_pb2.ListModelsResponse]  # type: ignore[assignment]
     """The model this worker serves, its prices and limits."""
 
@@ -68,10 +90,15 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def Generate(
         self,
-        request: _infer_pb2.GenerateRequest,
+        request_iterator: _MaybeAsyncIterator[_infer_pb2.GenerateRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_infer_pb2.GenerateResponse], _abc.AsyncIterator[_infer_pb2.GenerateResponse]]:
-        """Streams generated text as it is produced; the last message carries usage, finish reason and TTFT."""
+        """Streams generated text as it is produced; the last message carries usage, finish reason and TTFT.
+        The first request message carries the request. A later message with `stop` set stops the generation early and
+        the stream still ends with the summary of every token generated so far (finish reason ABORT), so the caller
+        can bill it; half-closing the request stream without `stop` changes nothing. Cancelling the call aborts the
+        generation with no summary.
+        """
 
     @_abc_1.abstractmethod
     def SubmitJob(
@@ -79,7 +106,7 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _infer_pb2.SubmitJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_infer_pb2.SubmitJobResponse, _abc.Awaitable[_infer_pb2.SubmitJobResponse]]:
-        """Persists an async job; it runs when the engine has spare capacity. Idempotent on request_id."""
+        """Persists an async job; it runs when the engine has spare capacity. Idempotent on (tenant, request_id)."""
 
     @_abc_1.abstractmethod
     def GetJob(
@@ -87,7 +114,25 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _infer_pb2.GetJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_infer_pb2.GetJobResponse, _abc.Awaitable[_infer_pb2.GetJobResponse]]:
-        """Status and, when finished, result of an async job."""
+        """Status and, when finished, result of an async job, by job id or by (tenant, request_id)."""
+
+    @_abc_1.abstractmethod
+    def ListJobs(
+        self,
+        request: _infer_pb2.ListJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_infer_pb2.ListJobsResponse, _abc.Awaitable[_infer_pb2.ListJobsResponse]]:
+        """Jobs of this worker's store, oldest first, optionally only those whose settlement nobody has recorded yet:
+        how any router finds finished jobs to bill and running ones whose reservation to renew.
+        """
+
+    @_abc_1.abstractmethod
+    def MarkJobSettled(
+        self,
+        request: _infer_pb2.MarkJobSettledRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_infer_pb2.MarkJobSettledResponse, _abc.Awaitable[_infer_pb2.MarkJobSettledResponse]]:
+        """Records that a finished job's reservation has been settled (committed or released). Idempotent."""
 
     @_abc_1.abstractmethod
     def ListModels(
