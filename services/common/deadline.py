@@ -13,9 +13,11 @@ def set_remaining(seconds: float | None) -> None:
     _deadline.set(None if seconds is None else time.monotonic() + seconds)
 
 
-def timeout(default_s: float) -> float:
-    """Seconds a downstream call may take: the default, capped by the caller's deadline (never below 1 ms)."""
+def timeout(default_s: float, grace_s: float = 0.0) -> float:
+    """Seconds a downstream call may take: the default, capped by the caller's deadline plus ``grace_s`` (never
+    below 1 ms). A grace outlives the caller on purpose: a generation whose caller's deadline passes must still be
+    stopped and report what it generated, so it can be billed."""
     deadline = _deadline.get()
     if deadline is None:
         return default_s
-    return max(0.001, min(default_s, deadline - time.monotonic()))
+    return max(0.001, min(default_s, deadline + grace_s - time.monotonic()))

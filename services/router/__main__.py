@@ -76,8 +76,11 @@ async def serve(settings: RouterSettings) -> None:
         ttl_s=settings.reservation_ttl_s,
     )
     infer = GrpcInfer(
-        {tier: channel(target, settings.infer_timeout_s) for tier, target in tiers.items()},
+        # the channel's own cap leaves room for the stop of a generation whose caller's deadline passed
+        {tier: channel(target, settings.infer_timeout_s + settings.stop_timeout_s) for tier, target in tiers.items()},
         timeout_s=settings.infer_timeout_s,
+        job_timeout_s=settings.job_timeout_s,
+        stop_grace_s=settings.stop_timeout_s,
     )
     tokens = await asyncio.to_thread(
         TierTokenizers, {Tier.parse(name): path for name, path in settings.tokenizer_dirs.items()}
@@ -97,7 +100,11 @@ async def serve(settings: RouterSettings) -> None:
             default_max_tokens=settings.default_max_tokens,
             max_tokens_limit=settings.max_tokens_limit,
             fail_open_budget=settings.fail_open_budget,
+            reservation_ttl_s=settings.reservation_ttl_s,
             async_reservation_ttl_s=settings.async_reservation_ttl_s,
+            async_settle_every_s=settings.async_settle_every_s,
+            job_reconcile_delay_s=settings.job_timeout_s + 2.0,
+            stop_timeout_s=settings.stop_timeout_s,
         ),
         metrics=RouterMetrics(meter),
         savings=SavingsBatcher(
@@ -106,6 +113,7 @@ async def serve(settings: RouterSettings) -> None:
             tracer=tracing.tracer("costmesh.router.savings") if tracing else None,
         ),
     )
+    pipeline.start()  # this router's share of settling async jobs from the job stores
     host.on_stop(pipeline.drain)  # registered last: runs first, while the channels are still open
     servicer = RouterServicer(pipeline=pipeline, limiter=TenantLimiter(settings.limits))
     host.add_service(

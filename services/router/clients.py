@@ -6,6 +6,8 @@ Each adapter translates domain values to protos and failed calls back to domain 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -15,17 +17,18 @@ from costmesh.cache.v1 import cache_pb2, cache_pb2_grpc
 from costmesh.infer.v1 import infer_pb2, infer_pb2_grpc
 from services.common import deadline
 from services.common.attribution import Attribution
-from services.common.errors import Unavailable
+from services.common.errors import CostmeshError, NotFound, Unavailable
 from services.common.pricing import TokenUsage
 from services.common.remote import error_from_rpc
 from services.router.classifier.types import Message, Tier
-from services.router.pipeline import (
+from services.router.domain import (
     CachedAnswer,
     CacheLookup,
     FinishReason,
     InferChunk,
     JobState,
     JobStatus,
+    JobSubmission,
     LookupOutcome,
     Reservation,
     Sampling,
@@ -170,7 +173,17 @@ class GrpcBudget:
             soft_limit_exceeded=reply.soft_limit_exceeded,
             max_tokens_cap=reply.max_tokens_cap,
             remaining_micros=reply.remaining_micros if reply.HasField("remaining_micros") else None,
+            expires_ms=reply.expires_unix_ms,
+            settled=reply.replayed and reply.state == budget_pb2.RESERVATION_STATE_COMMITTED,
         )
+
+    async def renew(self, *, reservation_id: str, tenant: str, ttl_s: int) -> int:
+        request = budget_pb2.RenewReservationRequest(reservation_id=reservation_id, tenant=tenant, ttl_seconds=ttl_s)
+        try:
+            reply = await self._stub.RenewReservation(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err, peer="budget") from err
+        return reply.expires_unix_ms
 
     async def commit(
         self,
@@ -228,19 +241,113 @@ class GrpcBudget:
             raise error_from_rpc(err, peer="budget") from err
 
 
+class GrpcGeneration:
+    """One generation on a worker, over the bidirectional ``Generate`` stream.
+
+    A pump task reads the stream into a queue, so a consumer cancelled while it waits for the next chunk cancels
+    nothing on the wire (grpc.aio cancels a call whose pending read is cancelled, and the worker's count of what it
+    generated would be lost with it). :meth:`stop` writes the stop message and waits for the summary the worker then
+    sends; :meth:`close` cancels the call outright.
+    """
+
+    def __init__(
+        self,
+        stub: infer_pb2_grpc.InferenceServiceAsyncStub,
+        request: infer_pb2.GenerateRequest,
+        *,
+        timeout_s: float,
+        peer: str,
+    ) -> None:
+        self._peer = peer
+        self._call = stub.Generate(timeout=timeout_s)
+        self._queue: asyncio.Queue[InferChunk | CostmeshError | None] = asyncio.Queue()
+        self._final: InferChunk | None = None
+        self._sent = asyncio.Event()
+        self.output_tokens = 0
+        self._pump = asyncio.ensure_future(self._run(request))
+
+    async def _run(self, request: infer_pb2.GenerateRequest) -> None:
+        try:
+            await self._call.write(request)
+            self._sent.set()
+            while True:
+                msg = await self._call.read()
+                if not isinstance(msg, infer_pb2.GenerateResponse):  # EOF: ended without a summary
+                    break
+                self.output_tokens += msg.token_count
+                if msg.HasField("summary"):
+                    s = msg.summary
+                    self._final = InferChunk(
+                        text=msg.text,
+                        usage=usage_from_proto(s.usage),
+                        finish_reason=finish_from_proto(s.finish_reason),
+                        model=s.model,
+                        ttft_ms=s.time_to_first_token_ms,
+                    )
+                    self._queue.put_nowait(self._final)
+                    break
+                self._queue.put_nowait(InferChunk(text=msg.text))
+            self._queue.put_nowait(None)
+        except grpc.aio.AioRpcError as err:
+            self._queue.put_nowait(error_from_rpc(err, peer=self._peer))
+        except asyncio.CancelledError:
+            self._queue.put_nowait(Unavailable(f"{self._peer}: generation cancelled", reason="GENERATION_CANCELLED"))
+            raise
+
+    async def __aiter__(self) -> AsyncIterator[InferChunk]:
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, CostmeshError):
+                raise item
+            yield item
+
+    async def stop(self, timeout_s: float) -> InferChunk | None:
+        try:
+            if not self._pump.done():
+                # The stop rides the same HTTP/2 stream, so it reaches the very worker that is generating.
+                await asyncio.wait_for(self._sent.wait(), timeout_s)
+                with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                    await self._call.write(infer_pb2.GenerateRequest(stop=True))
+                await asyncio.wait({self._pump}, timeout=timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            self.close()
+        return self._final
+
+    def close(self) -> None:
+        self._call.cancel()  # no-op once finished
+        if not self._pump.done():
+            self._pump.cancel()
+
+
 class GrpcInfer:
     """One channel per tier (each may balance over many workers)."""
 
-    def __init__(self, channels: dict[Tier, grpc.aio.Channel], *, timeout_s: float) -> None:
+    def __init__(
+        self,
+        channels: dict[Tier, grpc.aio.Channel],
+        *,
+        timeout_s: float,
+        job_timeout_s: float = 10.0,
+        stop_grace_s: float = 10.0,
+    ) -> None:
         self._stubs = {tier: infer_pb2_grpc.InferenceServiceStub(ch) for tier, ch in channels.items()}
         self._timeout_s = timeout_s
+        self._job_timeout_s = job_timeout_s
+        self._stop_grace_s = stop_grace_s
 
-    async def generate(
-        self, *, tier: Tier, request_id: str, messages: Sequence[Message], sampling: Sampling, attribution: Attribution
-    ) -> AsyncIterator[InferChunk]:
+    def _stub(self, tier: Tier) -> infer_pb2_grpc.InferenceServiceAsyncStub:
         stub = self._stubs.get(tier)
         if stub is None:
             raise Unavailable(f"no workers configured for tier {tier.label}", reason="TIER_NOT_CONFIGURED")
+        return stub
+
+    def generate(
+        self, *, tier: Tier, request_id: str, messages: Sequence[Message], sampling: Sampling, attribution: Attribution
+    ) -> GrpcGeneration:
         request = infer_pb2.GenerateRequest(
             request_id=request_id,
             tier=tier_to_proto(tier),
@@ -248,24 +355,10 @@ class GrpcInfer:
             sampling=sampling_to_proto(sampling),
             attribution=attribution_to_proto(attribution),
         )
-        call = stub.Generate(request, timeout=deadline.timeout(self._timeout_s))
-        try:
-            async for chunk in call:
-                if chunk.HasField("summary"):
-                    s = chunk.summary
-                    yield InferChunk(
-                        text=chunk.text,
-                        usage=usage_from_proto(s.usage),
-                        finish_reason=finish_from_proto(s.finish_reason),
-                        model=s.model,
-                        ttft_ms=s.time_to_first_token_ms,
-                    )
-                else:
-                    yield InferChunk(text=chunk.text)
-        except grpc.aio.AioRpcError as err:
-            raise error_from_rpc(err, peer=f"infer-{tier.label}") from err
-        finally:
-            call.cancel()  # no-op when finished; aborts the worker's request when the consumer went away
+        # The caller's deadline plus a grace: when the caller's time runs out, the router still stops the worker and
+        # reads the summary of what it generated.
+        timeout = deadline.timeout(self._timeout_s, grace_s=self._stop_grace_s)
+        return GrpcGeneration(self._stub(tier), request, timeout_s=timeout, peer=f"infer-{tier.label}")
 
     async def submit_job(
         self,
@@ -276,10 +369,8 @@ class GrpcInfer:
         sampling: Sampling,
         attribution: Attribution,
         metadata: str,
-    ) -> str:
-        stub = self._stubs.get(tier)
-        if stub is None:
-            raise Unavailable(f"no workers configured for tier {tier.label}", reason="TIER_NOT_CONFIGURED")
+    ) -> JobSubmission:
+        stub = self._stub(tier)
         request = infer_pb2.SubmitJobRequest(
             request_id=request_id,
             messages=messages_to_proto(messages),
@@ -288,30 +379,61 @@ class GrpcInfer:
             metadata=metadata,
         )
         try:
-            reply = await stub.SubmitJob(request, timeout=deadline.timeout(self._timeout_s))
+            reply = await stub.SubmitJob(request, timeout=deadline.timeout(self._job_timeout_s))
         except grpc.aio.AioRpcError as err:
             raise error_from_rpc(err, peer=f"infer-{tier.label}") from err
-        return reply.job_id
+        return JobSubmission(job_id=reply.job_id, replayed=reply.replayed, metadata=reply.metadata)
 
     async def get_job(self, *, tier: Tier, job_id: str, tenant: str) -> JobStatus:
-        stub = self._stubs.get(tier)
-        if stub is None:
-            raise Unavailable(f"no workers configured for tier {tier.label}", reason="TIER_NOT_CONFIGURED")
+        return await self._get_job(tier, infer_pb2.GetJobRequest(job_id=job_id, tenant=tenant))
+
+    async def find_job(self, *, tier: Tier, tenant: str, request_id: str) -> JobStatus | None:
         try:
-            reply = await stub.GetJob(
-                infer_pb2.GetJobRequest(job_id=job_id, tenant=tenant), timeout=deadline.timeout(self._timeout_s)
-            )
+            return await self._get_job(tier, infer_pb2.GetJobRequest(tenant=tenant, request_id=request_id))
+        except NotFound:
+            return None
+
+    async def _get_job(self, tier: Tier, request: infer_pb2.GetJobRequest) -> JobStatus:
+        stub = self._stub(tier)
+        try:
+            reply = await stub.GetJob(request, timeout=deadline.timeout(self._job_timeout_s))
         except grpc.aio.AioRpcError as err:
             raise error_from_rpc(err, peer=f"infer-{tier.label}") from err
-        summary = reply.summary if reply.HasField("summary") else None
-        return JobStatus(
-            job_id=reply.job_id,
-            state=JobState(reply.state) if reply.state in {s.value for s in JobState} else JobState.QUEUED,
-            text=reply.text,
-            usage=usage_from_proto(summary.usage) if summary is not None else None,
-            finish_reason=finish_from_proto(summary.finish_reason) if summary is not None else FinishReason.UNSPECIFIED,
-            model=summary.model if summary is not None else "",
-            error=reply.error,
-            metadata=reply.metadata,
-            ttft_ms=summary.time_to_first_token_ms if summary is not None else 0.0,
-        )
+        return _job_status(reply.job)
+
+    async def list_unsettled(self, *, tier: Tier, page_token: str) -> tuple[list[JobStatus], str]:
+        stub = self._stub(tier)
+        request = infer_pb2.ListJobsRequest(unsettled_only=True, page_size=100, page_token=page_token)
+        try:
+            reply = await stub.ListJobs(request, timeout=self._job_timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err, peer=f"infer-{tier.label}") from err
+        return [_job_status(j) for j in reply.jobs], reply.next_page_token
+
+    async def mark_settled(self, *, tier: Tier, job_id: str) -> None:
+        stub = self._stub(tier)
+        try:
+            await stub.MarkJobSettled(infer_pb2.MarkJobSettledRequest(job_id=job_id), timeout=self._job_timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err, peer=f"infer-{tier.label}") from err
+
+
+_JOB_STATES = {s.value: s for s in JobState}
+
+
+def _job_status(job: infer_pb2.Job) -> JobStatus:
+    summary = job.summary if job.HasField("summary") else None
+    return JobStatus(
+        job_id=job.job_id,
+        state=_JOB_STATES.get(job.state, JobState.QUEUED),
+        text=job.text,
+        usage=usage_from_proto(summary.usage) if summary is not None else None,
+        finish_reason=finish_from_proto(summary.finish_reason) if summary is not None else FinishReason.UNSPECIFIED,
+        model=summary.model if summary is not None else "",
+        error=job.error,
+        metadata=job.metadata,
+        ttft_ms=summary.time_to_first_token_ms if summary is not None else 0.0,
+        request_id=job.request_id,
+        tenant=job.tenant,
+        settled=job.settled,
+    )

@@ -39,9 +39,20 @@ class RouterSettings(ServiceSettings):
     cache_wait_ms: int = Field(10_000, ge=0, description="Most time to wait for an identical in-flight miss.")
     budget_timeout_s: float = Field(2.0, gt=0, description="Deadline of budget calls.")
     infer_timeout_s: float = Field(300.0, gt=0, description="Deadline of a generation (capped by the caller's).")
-    reservation_ttl_s: int = Field(300, ge=1, description="Reservation lifetime of interactive requests.")
+    reservation_ttl_s: int = Field(
+        120, ge=3, description="Reservation lifetime of interactive requests; renewed every third of it while they run."
+    )
     async_reservation_ttl_s: int = Field(
-        3600, ge=1, description="Reservation lifetime of async requests (at most the budget's max_ttl_s)."
+        900,
+        ge=3,
+        description="Reservation lifetime of async jobs (at most the budget's max_ttl_s); renewed while they wait/run.",
+    )
+    async_settle_every_s: float = Field(
+        2.0, ge=0, description="How often this router settles finished async jobs from the job stores (0 = never)."
+    )
+    job_timeout_s: float = Field(10.0, gt=0, description="Deadline of job calls (submit, get, list, mark settled).")
+    stop_timeout_s: float = Field(
+        10.0, gt=0, description="How long an abandoned generation may take to stop and report what it generated."
     )
     fail_open_budget: bool = Field(False, description="Serve without a reservation when the budget is down.")
     savings_flush_s: float = Field(

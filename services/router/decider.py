@@ -10,7 +10,7 @@ from services.router.classifier.model import ComplexityModel
 from services.router.classifier.policy import Router
 from services.router.classifier.types import Message, Tier
 from services.router.config import RouterSettings
-from services.router.pipeline import Decision
+from services.router.domain import Decision
 
 
 class ClassifierDecider:

@@ -14,7 +14,7 @@ import asyncio
 from opentelemetry import metrics
 
 from services.common.errors import CostmeshError
-from services.router.pipeline import GenerateInput, GenerateResult
+from services.router.domain import GenerateInput, GenerateResult
 
 #: Bucket bounds of ``costmesh.route.score`` (the classifier's probability that the full tier is needed).
 SCORE_BUCKETS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

@@ -1,12 +1,15 @@
 """The router's request pipeline: cache → classify + policy → reserve → infer → commit → fill.
 
-Pure orchestration over four ports (``CachePort``, ``BudgetPort``, ``InferPort``, ``TokenCounter``) and a
+Pure orchestration over the ports of :mod:`services.router.domain` (cache, budget, infer, jobs, token counter) and a
 ``Decider`` (the classifier + policy); nothing here imports gRPC. ``services/router/clients.py`` implements the
-ports over gRPC, ``services/router/server.py`` translates protos.
+ports over gRPC, ``services/router/server.py`` translates protos. The money of each request — its reservation's
+whole life — is owned by :mod:`services.router.settlement`.
 
 Money invariants, held on every path:
-* a reservation is either committed with the actual cost or released — on success, failure, escalation,
-  cancellation and deadline alike (release/abandon run shielded from cancellation);
+* every token a worker generates is billed: a finished generation commits its usage; one whose caller went away
+  (cancel, deadline, disconnect) or whose worker failed mid-stream is stopped and commits what it generated; only
+  a request that generated nothing releases its reservation;
+* a reservation is renewed while its generation runs, so it cannot expire under work that still spends;
 * a fill lease is either filled or abandoned, so waiters never wait on a dead holder for longer than the lease;
 * ``cost_micros`` of a result equals what was committed to the ledger for it.
 """
@@ -14,21 +17,20 @@ Money invariants, held on every path:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from opentelemetry import trace
 
-from services.common import deadline
 from services.common import semconv as sc
 from services.common.attribution import Attribution
 from services.common.errors import (
@@ -42,8 +44,34 @@ from services.common.errors import (
     Validator,
 )
 from services.common.pricing import PriceTable, TokenUsage
-from services.router.classifier.types import Message, Tier
+from services.router.classifier.types import Tier
+from services.router.domain import (
+    AsyncStatus,
+    AsyncSubmission,
+    BudgetPort,
+    CachedAnswer,
+    CacheLookup,
+    CacheMode,
+    CachePort,
+    Decider,
+    Decision,
+    Event,
+    FinishReason,
+    GenerateInput,
+    GenerateResult,
+    Generation,
+    InferChunk,
+    InferPort,
+    JobPort,
+    JobState,
+    JobStatus,
+    LookupOutcome,
+    Reservation,
+    TextDelta,
+    TokenCounter,
+)
 from services.router.savings import SavingsBatcher, SavingsRecord
+from services.router.settlement import UNKNOWN_OUTCOME, AsyncSettler, Charge, JobMoney, Ledgerline, Outbox
 
 if TYPE_CHECKING:
     from services.router.metrics import RouterMetrics
@@ -51,253 +79,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("costmesh.router")
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
-
-
-class CacheMode(Enum):
-    DEFAULT = 0
-    BYPASS = 1
-    REFRESH = 2
-
-
-class FinishReason(Enum):
-    UNSPECIFIED = 0
-    STOP = 1
-    LENGTH = 2
-    ABORT = 3
-    ERROR = 4
-
-
-@dataclass(frozen=True, slots=True)
-class Sampling:
-    max_tokens: int = 0
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class GenerateInput:
-    request_id: str
-    attribution: Attribution
-    messages: tuple[Message, ...]
-    sampling: Sampling = Sampling()
-    requested_tier: Tier | None = None
-    cache_mode: CacheMode = CacheMode.DEFAULT
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What the classifier + policy chose, and the bounds policy allows when budget or availability intervene."""
-
-    tier: Tier
-    score: float
-    threshold: float
-    uncertain: bool
-    reasons: tuple[str, ...]
-    classifier_tier: Tier
-    policy: str = ""
-    min_tier: Tier = Tier.CHEAP
-    max_tier: Tier = Tier.FULL
-
-
-class Decider(Protocol):
-    def decide(
-        self, *, messages: Sequence[Message], max_tokens: int, attribution: Attribution, requested_tier: Tier | None
-    ) -> Decision: ...
-
-
-# ---- ports -----------------------------------------------------------------------------------------------------
-
-
-class LookupOutcome(Enum):
-    HIT = 1
-    MISS = 2
-    UNCACHEABLE = 3
-    WAIT_TIMEOUT = 4
-    UNAVAILABLE = 5
-
-
-@dataclass(frozen=True, slots=True)
-class CachedAnswer:
-    text: str
-    usage: TokenUsage
-    cost_micros: int
-    model: str
-    tier: Tier
-    finish_reason: FinishReason
-
-
-@dataclass(frozen=True, slots=True)
-class CacheLookup:
-    outcome: LookupOutcome
-    key: str = ""
-    lease_id: str = ""
-    answer: CachedAnswer | None = None
-    coalesced: bool = False
-
-
-class CachePort(Protocol):
-    async def lookup(
-        self, *, attribution: Attribution, model: str, messages: Sequence[Message], sampling: Sampling, peek: bool
-    ) -> CacheLookup: ...
-
-    async def fill(self, *, attribution: Attribution, key: str, lease_id: str, answer: CachedAnswer) -> None: ...
-
-    async def abandon(self, *, attribution: Attribution, key: str, lease_id: str) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    reservation_id: str
-    soft_limit_exceeded: bool
-    max_tokens_cap: int
-    remaining_micros: int | None
-
-
-class BudgetPort(Protocol):
-    async def reserve(
-        self,
-        *,
-        request_id: str,
-        attribution: Attribution,
-        estimated_cost_micros: int,
-        estimated_tokens: int,
-        model: str,
-        tier: Tier,
-        ttl_s: int = 0,
-    ) -> Reservation: ...
-
-    async def commit(
-        self,
-        *,
-        reservation_id: str,
-        tenant: str,
-        cost_micros: int,
-        usage: TokenUsage,
-        model: str,
-        tier: Tier,
-        saved_micros: int,
-    ) -> int | None:
-        """Returns the smallest remaining budget after the commit (None when no cost limit applies)."""
-        ...
-
-    async def release(self, *, reservation_id: str, tenant: str) -> None: ...
-
-    async def record_savings(self, tenant: str, records: Sequence[SavingsRecord]) -> None:
-        """Record cache hits' savings, all of ``tenant``, in one call (:mod:`services.router.savings` batches them)."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class InferChunk:
-    text: str
-    # Set on the last chunk only.
-    usage: TokenUsage | None = None
-    finish_reason: FinishReason = FinishReason.UNSPECIFIED
-    model: str = ""
-    ttft_ms: float = 0.0
-
-
-class InferPort(Protocol):
-    def generate(
-        self, *, tier: Tier, request_id: str, messages: Sequence[Message], sampling: Sampling, attribution: Attribution
-    ) -> AsyncIterator[InferChunk]:
-        """Streams chunks; raises ``Unavailable`` when the tier cannot serve (before or during the stream)."""
-        ...
-
-
-class JobState(Enum):
-    QUEUED = 1
-    RUNNING = 2
-    SUCCEEDED = 3
-    FAILED = 4
-    CANCELLED = 5
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
-
-
-@dataclass(frozen=True, slots=True)
-class JobStatus:
-    job_id: str
-    state: JobState
-    text: str = ""
-    usage: TokenUsage | None = None
-    finish_reason: FinishReason = FinishReason.UNSPECIFIED
-    model: str = ""
-    error: str = ""
-    metadata: str = ""
-    ttft_ms: float = 0.0
-
-
-class JobPort(Protocol):
-    async def submit_job(
-        self,
-        *,
-        tier: Tier,
-        request_id: str,
-        messages: Sequence[Message],
-        sampling: Sampling,
-        attribution: Attribution,
-        metadata: str,
-    ) -> str: ...
-
-    async def get_job(self, *, tier: Tier, job_id: str, tenant: str) -> JobStatus: ...
-
-
-class TokenCounter(Protocol):
-    def count_prompt(self, tier: Tier, messages: Sequence[Message]) -> int: ...
-
-
-# ---- results ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class GenerateResult:
-    request_id: str
-    text: str
-    usage: TokenUsage
-    cost_micros: int
-    tier: Tier
-    model: str
-    decision: Decision
-    cache_hit: bool
-    saved_micros: int
-    budget_remaining_micros: int | None
-    finish_reason: FinishReason
-    ttft_ms: float
-    escalated: bool
-    coalesced: bool = False
-    baseline_micros: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class TextDelta:
-    text: str
-
-
-Event = TextDelta | GenerateResult
-
-
-# ---- configuration ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class AsyncSubmission:
-    job_id: str
-    state: JobState
-    decision: Decision
-    result: GenerateResult | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AsyncStatus:
-    job_id: str
-    state: JobState
-    result: GenerateResult | None = None
-    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -311,13 +92,22 @@ class PipelineLimits:
     max_stop_sequences: int = 8
     fail_open_budget: bool = False
     cap_memory_s: float = 60.0
-    async_reservation_ttl_s: int = 3600
-    async_poll_s: float = 0.5
-    async_poll_max_s: float = 10.0
+    #: Life of an interactive reservation; renewed every third of it while the generation runs.
+    reservation_ttl_s: int = 120
+    #: Life of an async job's reservation; the settler renews it while the job waits or runs.
+    async_reservation_ttl_s: int = 900
+    #: How often this router lists the job stores to settle finished jobs and renew waiting ones (0 = never).
+    async_settle_every_s: float = 2.0
+    #: After a SubmitJob with an unknown outcome, how long to wait before looking the job up (at least the call's
+    #: own deadline, so a submission still in flight has landed or died by then).
+    job_reconcile_delay_s: float = 12.0
     inline_results: int = 10_000
+    #: How long a generation whose caller went away may take to stop and report what it generated.
+    stop_timeout_s: float = 10.0
     #: How long a commit or release that met an unreachable budget is retried in the background (idempotent calls).
     settle_retry_s: float = 120.0
-    #: How long drain() waits for requests still holding a reservation or lease to settle (shutdown).
+    #: How long drain() waits for requests still holding a reservation or lease to settle (shutdown), and then
+    #: again for the background settlements.
     drain_wait_s: float = 10.0
 
 
@@ -385,11 +175,10 @@ def _annotate_result(span: trace.Span, r: GenerateResult) -> None:
 def budget_request_id(request_id: str, run: str, suffix: str) -> str:
     """The budget's idempotency key for one reservation of a request, within the budget's 128 characters.
 
-    An interactive run passes its own ``run`` id: every run is a new inference that must be paid, so a client reusing
-    a request_id must not replay (and get for free) an earlier run's reservation; retries of the Reserve call within
-    the run keep the key, so the budget still deduplicates them. An async submission passes the tier it reserves for:
-    the worker of that tier deduplicates jobs by request_id, so a resubmission is the same job and settles the same
-    reservation, while the same id sent to the other tier's worker is a new job with a reservation of its own.
+    Every run passes its own ``run`` id — an interactive run, or one async submission attempt: each is a new
+    reservation, so a client reusing a request_id never replays (and gets for free) an earlier run's reservation,
+    while retries of the Reserve call within the run keep the key and the budget deduplicates them. (An async
+    resubmission that finds its job already queued releases its own reservation: the job holds one.)
     """
     base = f"{request_id}@{run}" if run else request_id
     if len(base) + len(suffix) > 128:
@@ -427,53 +216,20 @@ def validate(inp: GenerateInput, limits: PipelineLimits) -> None:
     v.raise_if_any("invalid request")
 
 
-Retry = Callable[[str, Callable[[], Awaitable[object]], str], None]
+class _Request:
+    """What one request holds: the money of its :class:`Ledgerline` and its cache fill lease."""
 
-
-class _Settlement:
-    """Tracks the open reservation and lease of one request so every exit path settles them exactly once.
-
-    ``track`` registers the shielded settlement with the pipeline, so a graceful shutdown waits for it before the
-    channels close; ``retry`` hands a release that met an unreachable budget to a background retry.
-    """
-
-    def __init__(
-        self,
-        budget: BudgetPort,
-        cache: CachePort | None,
-        attribution: Attribution,
-        *,
-        track: Callable[[asyncio.Future[Any]], None] | None = None,
-        retry: Retry | None = None,
-    ) -> None:
-        self._budget = budget
+    def __init__(self, line: Ledgerline, cache: CachePort | None, attribution: Attribution, outbox: Outbox) -> None:
+        self.line = line
         self._cache = cache
         self._attribution = attribution
-        self._track = track
-        self._retry = retry
-        self.reservation: Reservation | None = None
+        self._outbox = outbox
         self.lease: tuple[str, str] | None = None
 
     @property
     def open(self) -> bool:
-        """Still holding money or a lease (its settlement, once started, is tracked instead)."""
-        return self.reservation is not None or self.lease is not None
-
-    async def release(self) -> None:
-        res, self.reservation = self.reservation, None
-        if res is not None:
-            tenant = self._attribution.tenant
-            try:
-                await self._budget.release(reservation_id=res.reservation_id, tenant=tenant)
-            except TRANSIENT as err:
-                if self._retry is None:  # the TTL returns it
-                    log.warning("release_failed", reservation_id=res.reservation_id, error=err.message)
-                    return
-                log.warning("release_deferred", reservation_id=res.reservation_id, error=err.message)
-                rid = res.reservation_id
-                self._retry("release", lambda: self._budget.release(reservation_id=rid, tenant=tenant), rid)
-            except CostmeshError as err:  # the TTL returns it
-                log.warning("release_failed", reservation_id=res.reservation_id, error=err.message)
+        """Still holding money or a lease."""
+        return self.line.open or self.lease is not None
 
     async def abandon(self) -> None:
         lease, self.lease = self.lease, None
@@ -484,10 +240,8 @@ class _Settlement:
                 log.warning("abandon_failed", key=lease[0], error=err.message)
 
     async def settle_failure(self) -> None:
-        settling: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(self.release(), self.abandon()))
-        if self._track is not None:
-            self._track(settling)
-        await asyncio.shield(settling)
+        """Nothing was generated: release the reservation and abandon the lease, even if the caller is gone."""
+        await self._outbox.shielded(asyncio.gather(self.line.release(), self.abandon()))
 
 
 class Pipeline:
@@ -517,12 +271,25 @@ class Pipeline:
         self._models = models
         self.limits = limits or PipelineLimits()
         self._caps = _CapMemory(self.limits.cap_memory_s)
-        self._background: set[asyncio.Future[Any]] = set()
-        self._settlements: weakref.WeakSet[_Settlement] = weakref.WeakSet()
+        self._outbox = Outbox(retry_s=self.limits.settle_retry_s)
+        self._requests: weakref.WeakSet[_Request] = weakref.WeakSet()
         self._jobs = jobs
         self._inline: dict[str, tuple[str, GenerateResult]] = {}
         self._metrics = metrics
         self._savings = savings or SavingsBatcher(budget)
+        self.settler = (
+            AsyncSettler(
+                jobs=jobs,
+                budget=budget,
+                tiers=list(models),
+                settle=self._settle_job,
+                every_s=self.limits.async_settle_every_s,
+                ttl_s=self.limits.async_reservation_ttl_s,
+            )
+            if jobs is not None
+            else None
+        )
+        self._settler_task: asyncio.Task[None] | None = None
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -534,66 +301,45 @@ class Pipeline:
         full = self._prices.price_for(tier=Tier.FULL.label, model=self._models[Tier.FULL])
         return full.cost_micros(TokenUsage(usage.input_tokens, usage.output_tokens, 0))
 
-    def _background_task(self, coro: Awaitable[None]) -> None:
-        async def run() -> None:
-            # This task runs in a copy of the request's context: background work (settlements, fills, savings) is
-            # not bound by the caller's deadline, which may pass before it is done; the clients' own defaults apply.
-            deadline.set_remaining(None)
-            try:
-                await coro
-            except CostmeshError as err:
-                log.warning("background_failed", error=err.message, reason=err.reason)
+    def charge(self, tier: Tier, usage: TokenUsage, model: str = "") -> Charge:
+        cost = self.cost(tier, usage)
+        return Charge(cost, usage, model or self._models[tier], tier, max(0, self.baseline(usage) - cost))
 
-        task = asyncio.ensure_future(run())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _request(self, inp: GenerateInput, cache: CachePort | None, ttl_s: int) -> _Request:
+        line = Ledgerline(
+            budget=self._budget,
+            outbox=self._outbox,
+            tenant=inp.attribution.tenant,
+            ttl_s=ttl_s,
+            renew_every_s=ttl_s / 3,
+            stop_timeout_s=self.limits.stop_timeout_s,
+        )
+        req = _Request(line, cache, inp.attribution, self._outbox)
+        self._requests.add(req)
+        return req
 
-    def _track(self, fut: asyncio.Future[Any]) -> None:
-        """Keep ``fut`` (a shielded settlement) in the set :meth:`drain` waits for."""
-        self._background.add(fut)
-        fut.add_done_callback(self._background.discard)
-
-    def _retry_later(self, what: str, call: Callable[[], Awaitable[object]], ref: str) -> None:
-        """Retry ``call`` in the background; ``ref`` names what it settles in the logs: the reservation id of a
-        commit or release, the request id of a reconciled Reserve (whose reservation id was never received)."""
-        self._background_task(self._settle_later(what, call, ref))
-
-    async def _settle_later(self, what: str, call: Callable[[], Awaitable[object]], ref: str) -> None:
-        """Retry an idempotent commit or release until the budget answers (bounded by ``settle_retry_s``)."""
-        give_up_at = time.monotonic() + self.limits.settle_retry_s
-        delay = 0.25
-        while True:
-            await asyncio.sleep(delay)
-            try:
-                await call()
-            except TRANSIENT as err:
-                if time.monotonic() + delay > give_up_at:
-                    log.error("settle_gave_up", what=what, ref=ref, error=err.message)
-                    return
-                delay = min(delay * 2, 5.0)
-                continue
-            log.info("settled_late", what=what, ref=ref)
-            return
-
-    def _settlement(self, attribution: Attribution, cache: CachePort | None) -> _Settlement:
-        settle = _Settlement(self._budget, cache, attribution, track=self._track, retry=self._retry_later)
-        self._settlements.add(settle)
-        return settle
+    def start(self) -> None:
+        """Start the background settlement of async jobs (every router takes part; see AsyncSettler)."""
+        if self.settler is not None and self._settler_task is None and self.limits.async_settle_every_s > 0:
+            self._settler_task = asyncio.ensure_future(self.settler.run())
 
     async def drain(self) -> None:
-        """Wait for in-flight settlements, background fills and savings records (graceful shutdown).
+        """Graceful shutdown: wait for in-flight requests to settle, then for the background settlements, then send
+        the queued savings records — each wait bounded by ``drain_wait_s``.
 
         At shutdown the server cancels the calls still running once its grace period is over, but may stop before
-        their handlers ran far enough to release what they hold; so first wait (``drain_wait_s`` at most) until no
-        request holds a reservation or lease unsettled, then for every settlement and background task, then send
-        the queued savings records (``drain_wait_s`` at most when the budget does not answer).
+        their handlers ran far enough to hand over what they hold; so first wait until no request holds a
+        reservation or lease unsettled. The async settler stops: any router settles the jobs it leaves.
         """
         until = time.monotonic() + self.limits.drain_wait_s
-        # A poll, at shutdown only: settlements change state by plain assignment, without signalling.
-        while any(s.open for s in self._settlements) and time.monotonic() < until:  # noqa: ASYNC110
+        # A poll, at shutdown only: requests change state by plain assignment, without signalling.
+        while any(r.open for r in self._requests) and time.monotonic() < until:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
-        while self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
+        if self._settler_task is not None:
+            self._settler_task.cancel()
+            await asyncio.gather(self._settler_task, return_exceptions=True)
+            self._settler_task = None
+        await self._outbox.drain(self.limits.drain_wait_s)
         await self._savings.drain(self.limits.drain_wait_s)
 
     def decide(self, inp: GenerateInput) -> Decision:
@@ -609,7 +355,7 @@ class Pipeline:
 
     # -- the pipeline ----------------------------------------------------------------------------------------
 
-    async def run(self, inp: GenerateInput) -> AsyncIterator[Event]:
+    async def run(self, inp: GenerateInput) -> AsyncGenerator[Event, None]:
         """Yields text deltas as they are produced, then exactly one ``GenerateResult``."""
         validate(inp, self.limits)
         if not inp.request_id:
@@ -618,7 +364,7 @@ class Pipeline:
         _annotate_request(span, inp, self._max_tokens(inp))
         decision = self.decide(inp)
         span.set_attributes({sc.ROUTE_SCORE: decision.score, sc.ROUTE_UNCERTAIN: decision.uncertain})
-        settle = self._settlement(inp.attribution, self._cache)
+        req = self._request(inp, self._cache, self.limits.reservation_ttl_s)
         lookup = await self._lookup(inp, decision.tier)
         if lookup.outcome is LookupOutcome.HIT and lookup.answer is not None:
             result = self._hit(inp, decision, lookup)
@@ -628,19 +374,22 @@ class Pipeline:
             yield result
             return
         if lookup.outcome is LookupOutcome.MISS:
-            settle.lease = (lookup.key, lookup.lease_id)
+            req.lease = (lookup.key, lookup.lease_id)
         answered = False
         try:
-            async for event in self._miss(inp, decision, settle):
-                if isinstance(event, GenerateResult):
-                    _annotate_result(span, event)
-                    self._observe(inp, event)
-                    answered = True
-                yield event
+            # aclosing: a consumer that stops early (the caller went away) closes the miss now, so it stops the worker
+            # and bills what was generated before anything here settles the rest.
+            async with contextlib.aclosing(self._miss(inp, decision, req)) as events:
+                async for event in events:
+                    if isinstance(event, GenerateResult):
+                        _annotate_result(span, event)
+                        self._observe(inp, event)
+                        answered = True
+                    yield event
         except BaseException as err:
             if not answered:
                 self._observe(inp, error=err)
-            await settle.settle_failure()
+            await req.settle_failure()
             raise
 
     def _observe(
@@ -702,16 +451,14 @@ class Pipeline:
             baseline_micros=saved,
         )
 
-    async def _reserve(self, inp: GenerateInput, tier: Tier, suffix: str, ttl_s: int = 0, run: str = "") -> Reservation:
+    async def _reserve(self, inp: GenerateInput, tier: Tier, line: Ledgerline, key: str, ttl_s: int) -> int:
+        """Hold the estimate of ``inp`` on ``tier`` in ``line``; returns the prompt's token count."""
         max_tokens = self._max_tokens(inp)
         prompt_tokens = self._tokens.count_prompt(tier, inp.messages)
         price = self._prices.price_for(tier=tier.label, model=self._models[tier])
         reserve = partial(
             self._budget.reserve,
-            # interactive: this run's key; async (no run): keyed by the tier whose worker deduplicates the job
-            request_id=budget_request_id(inp.request_id, run, suffix)
-            if run
-            else budget_request_id(inp.request_id, tier.label, ""),
+            request_id=key,
             attribution=inp.attribution,
             estimated_cost_micros=price.estimate_micros(prompt_tokens, max_tokens),
             estimated_tokens=prompt_tokens + max_tokens,
@@ -719,152 +466,132 @@ class Pipeline:
             tier=tier,
             ttl_s=ttl_s,
         )
-        try:
-            return await reserve()
-        except TRANSIENT:
-            # The outcome is unknown: the store may have written the reservation and lost the reply (Redis killed
-            # between its write and its answer). The caller gets the error; in the background, once the budget
-            # answers, the same (idempotent) Reserve finds that reservation — or makes one — and releases it, so no
-            # money stays held until the TTL.
-            tenant = inp.attribution.tenant
-
-            async def reconcile() -> None:
-                try:
-                    held = await reserve()
-                except TRANSIENT:
-                    raise
-                except CostmeshError:  # refused now (e.g. a hard limit): nothing is held under this key
-                    return
-                await self._budget.release(reservation_id=held.reservation_id, tenant=tenant)
-
-            self._retry_later("reserve_reconcile", reconcile, inp.request_id)
-            raise
+        await line.reserve(key, reserve)
+        return prompt_tokens
 
     async def _reserve_with_downgrade(
-        self, inp: GenerateInput, decision: Decision, settle: _Settlement, ttl_s: int = 0, run: str = ""
-    ) -> tuple[Tier, str]:
-        """Reserve on the decided tier; downgrade to cheap on a soft threshold or a full-tier hard stop."""
+        self, inp: GenerateInput, decision: Decision, line: Ledgerline, run: str, ttl_s: int
+    ) -> tuple[Tier, str, int]:
+        """Reserve on the decided tier; downgrade to cheap on a soft threshold or a full-tier hard stop.
+
+        Returns the tier, the policy that chose it, and the prompt's token count on that tier.
+        """
         tier = decision.tier
         can_downgrade = tier is Tier.FULL and decision.min_tier is Tier.CHEAP and inp.requested_tier is not Tier.FULL
+        key = partial(budget_request_id, inp.request_id, run)
         try:
-            settle.reservation = await self._reserve(inp, tier, "", ttl_s, run)
+            prompt_tokens = await self._reserve(inp, tier, line, key(""), ttl_s)
         except ResourceExhausted:
             if not can_downgrade:
                 raise
-            settle.reservation = await self._reserve(inp, Tier.CHEAP, "/cheap", ttl_s, run)
-            return Tier.CHEAP, "budget_downgrade"
+            prompt_tokens = await self._reserve(inp, Tier.CHEAP, line, key("/cheap"), ttl_s)
+            return Tier.CHEAP, "budget_downgrade", prompt_tokens
         except Unavailable:
             if not self.limits.fail_open_budget:
                 raise
             log.warning("budget_fail_open", request_id=inp.request_id)
-            return tier, decision.policy
-        if settle.reservation.max_tokens_cap:
-            self._caps.put(inp.attribution.tenant, inp.attribution.feature, settle.reservation.max_tokens_cap)
-        if settle.reservation.soft_limit_exceeded and can_downgrade:
-            first = settle.reservation
-            settle.reservation = await self._reserve(inp, Tier.CHEAP, "/cheap", ttl_s, run)
-            await self._budget.release(reservation_id=first.reservation_id, tenant=inp.attribution.tenant)
-            return Tier.CHEAP, "budget_downgrade"
-        return tier, decision.policy
+            return tier, decision.policy, self._tokens.count_prompt(tier, inp.messages)
+        res = line.reservation
+        assert res is not None
+        if res.max_tokens_cap:
+            self._caps.put(inp.attribution.tenant, inp.attribution.feature, res.max_tokens_cap)
+        if res.soft_limit_exceeded and can_downgrade:
+            # the cheap reservation replaces the full one, which the ledgerline releases (retried through outages)
+            prompt_tokens = await self._reserve(inp, Tier.CHEAP, line, key("/cheap"), ttl_s)
+            return Tier.CHEAP, "budget_downgrade", prompt_tokens
+        return tier, decision.policy, prompt_tokens
 
-    async def _miss(self, inp: GenerateInput, decision: Decision, settle: _Settlement) -> AsyncIterator[Event]:
+    def _generate(self, tier: Tier, inp: GenerateInput, sampling: Any) -> Generation:
+        return self._infer.generate(
+            tier=tier, request_id=inp.request_id, messages=inp.messages, sampling=sampling, attribution=inp.attribution
+        )
+
+    async def _miss(self, inp: GenerateInput, decision: Decision, req: _Request) -> AsyncGenerator[Event, None]:
         run = uuid.uuid4().hex[:12]  # this run's reservations: a reused request_id is a new inference, paid again
-        tier, policy = await self._reserve_with_downgrade(inp, decision, settle, run=run)
-        remaining = settle.reservation.remaining_micros if settle.reservation else None
+        line = req.line
+        ttl_s = self.limits.reservation_ttl_s
+        tier, policy, prompt_tokens = await self._reserve_with_downgrade(inp, decision, line, run, ttl_s)
+        remaining = line.reservation.remaining_micros if line.reservation else None
         escalated = False
         sampling = replace(inp.sampling, max_tokens=self._max_tokens(inp))
-        if settle.reservation is not None and settle.reservation.max_tokens_cap:
-            sampling = replace(sampling, max_tokens=min(sampling.max_tokens, settle.reservation.max_tokens_cap))
+        if line.reservation is not None and line.reservation.max_tokens_cap:
+            sampling = replace(sampling, max_tokens=min(sampling.max_tokens, line.reservation.max_tokens_cap))
         t0 = time.perf_counter()
-        ttft_ms = 0.0
         text: list[str] = []
         last: InferChunk | None = None
+        # The generation whose tokens this request owes for: set as soon as one is started (a caller cancelled while
+        # the worker prefilled still pays for what the worker says it did), cleared once its usage is committed.
+        live: Generation | None = None
         try:
-            stream = self._infer.generate(
-                tier=tier,
-                request_id=inp.request_id,
-                messages=inp.messages,
-                sampling=sampling,
-                attribution=inp.attribution,
-            )
-            first = await anext(stream)
-        except (Unavailable, StopAsyncIteration) as err:
-            other = Tier.CHEAP if tier is Tier.FULL else Tier.FULL
-            if not (decision.min_tier <= other <= decision.max_tier):
-                raise Unavailable(f"tier {tier.label} is unavailable and policy forbids {other.label}") from err
-            log.warning("tier_unavailable_escalating", tier=tier.label, to=other.label)
-            await settle.release()
-            tier, policy, escalated = other, "escalated", True
-            try:
-                settle.reservation = await self._reserve(inp, tier, "/esc", run=run)
-            except Unavailable:
-                if not self.limits.fail_open_budget:
-                    raise
-            stream = self._infer.generate(
-                tier=tier,
-                request_id=inp.request_id,
-                messages=inp.messages,
-                sampling=sampling,
-                attribution=inp.attribution,
-            )
-            first = await anext(stream)
-        ttft_ms = (time.perf_counter() - t0) * 1000
-        trace.get_current_span().add_event(sc.EVENT_FIRST_TOKEN, {sc.TTFT_MS: ttft_ms})
-        chunk: InferChunk | None = first
-        while chunk is not None:
-            if chunk.text:
-                text.append(chunk.text)
-                yield TextDelta(chunk.text)
-            if chunk.usage is not None:
-                last = chunk
-            chunk = await anext(stream, None)
-        if last is None or last.usage is None:
-            raise Unavailable("worker stream ended without usage", reason="INCOMPLETE_STREAM")
-        usage = last.usage
-        cost = self.cost(tier, usage)
-        baseline = self.baseline(usage)
-        res, settle.reservation = settle.reservation, None
-        if res is not None:
-            rid, tenant, model = res.reservation_id, inp.attribution.tenant, last.model or self._models[tier]
-
-            def commit() -> Awaitable[int | None]:
-                return self._budget.commit(
-                    reservation_id=rid,
-                    tenant=tenant,
-                    cost_micros=cost,
-                    usage=usage,
-                    model=model,
-                    tier=tier,
-                    saved_micros=max(0, baseline - cost),
-                )
-
-            committing: asyncio.Future[int | None] = asyncio.ensure_future(commit())
-            self._track(committing)  # a shutdown waits for it
-            try:
-                remaining = await asyncio.shield(committing)
-            except TRANSIENT as err:
-                # The inference ran, so the money was spent: the caller gets its answer and the (idempotent) commit
-                # is retried until the budget is back, instead of leaving the spend unbilled and the estimate held.
-                log.warning("commit_deferred", reservation_id=rid, error=err.message)
-                self._retry_later("commit", commit, rid)
-                remaining = None
+            async with line.renewing():
+                live = self._generate(tier, inp, sampling)
+                stream = aiter(live)
+                try:
+                    first = await anext(stream)
+                except (Unavailable, StopAsyncIteration) as err:
+                    # Nothing was generated on this tier: release it and escalate, if policy allows the other one.
+                    live = None
+                    other = Tier.CHEAP if tier is Tier.FULL else Tier.FULL
+                    if not (decision.min_tier <= other <= decision.max_tier):
+                        raise Unavailable(f"tier {tier.label} is unavailable and policy forbids {other.label}") from err
+                    log.warning("tier_unavailable_escalating", tier=tier.label, to=other.label)
+                    await line.release()
+                    tier, policy, escalated = other, "escalated", True
+                    try:
+                        prompt_tokens = await self._reserve(
+                            inp, tier, line, budget_request_id(inp.request_id, run, "/esc"), ttl_s
+                        )
+                    except Unavailable:
+                        if not self.limits.fail_open_budget:
+                            raise
+                    live = self._generate(tier, inp, sampling)
+                    stream = aiter(live)
+                    first = await anext(stream)
+                ttft_ms = (time.perf_counter() - t0) * 1000
+                trace.get_current_span().add_event(sc.EVENT_FIRST_TOKEN, {sc.TTFT_MS: ttft_ms})
+                chunk: InferChunk | None = first
+                while chunk is not None:
+                    if chunk.text:
+                        text.append(chunk.text)
+                        yield TextDelta(chunk.text)
+                    if chunk.usage is not None:
+                        last = chunk
+                    chunk = await anext(stream, None)
+                if last is None or last.usage is None:
+                    raise Unavailable("worker stream ended without usage", reason="INCOMPLETE_STREAM")
+                live = None  # complete: billed below, by its usage
+                charge = self.charge(tier, last.usage, last.model)
+                if line.open:
+                    remaining = await line.commit(charge)
+        except BaseException:
+            if live is not None:
+                # The caller went away (cancel, deadline, disconnect) or the worker failed mid-stream: stop it, and
+                # bill what it generated.
+                line.finish_abandoned(live, partial(self.charge, tier), prompt_tokens=prompt_tokens)
+            raise
+        assert last is not None
+        usage = charge.usage
         answer = CachedAnswer(
             text="".join(text),
             usage=usage,
-            cost_micros=cost,
-            model=last.model or self._models[tier],
+            cost_micros=charge.cost_micros,
+            model=charge.model,
             tier=tier,
             finish_reason=last.finish_reason,
         )
-        lease, settle.lease = settle.lease, None
+        lease, req.lease = req.lease, None
         if lease is not None and self._cache is not None:
             if tier is decision.tier and last.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
                 # complete answers only; the cache's own policy decides whether LENGTH ones are stored
-                self._background_task(
-                    self._cache.fill(attribution=inp.attribution, key=lease[0], lease_id=lease[1], answer=answer)
+                self._outbox.background(
+                    "cache_fill",
+                    self._cache.fill(attribution=inp.attribution, key=lease[0], lease_id=lease[1], answer=answer),
                 )
             else:  # another tier's answer, or an aborted one, is never stored under this key
-                self._background_task(self._cache.abandon(attribution=inp.attribution, key=lease[0], lease_id=lease[1]))
+                self._outbox.background(
+                    "cache_abandon",
+                    self._cache.abandon(attribution=inp.attribution, key=lease[0], lease_id=lease[1]),
+                )
         final_decision = (
             decision
             if (tier is decision.tier and not policy)
@@ -874,25 +601,26 @@ class Pipeline:
             request_id=inp.request_id,
             text=answer.text,
             usage=usage,
-            cost_micros=cost,
+            cost_micros=charge.cost_micros,
             tier=tier,
             model=answer.model,
             decision=final_decision,
             cache_hit=False,
-            saved_micros=max(0, baseline - cost),
+            saved_micros=charge.saved_micros,
             budget_remaining_micros=remaining,
             finish_reason=last.finish_reason,
             ttft_ms=last.ttft_ms or ttft_ms,
             escalated=escalated,
-            baseline_micros=baseline,
+            baseline_micros=self.baseline(usage),
         )
 
     async def generate(self, inp: GenerateInput) -> GenerateResult:
         """The unary form: run the pipeline to its result."""
         result: GenerateResult | None = None
-        async for event in self.run(inp):
-            if isinstance(event, GenerateResult):
-                result = event
+        async with contextlib.aclosing(self.run(inp)) as events:
+            async for event in events:
+                if isinstance(event, GenerateResult):
+                    result = event
         if result is None:  # pragma: no cover - run() always ends with a result or raises
             raise InvalidArgument("no result")
         return result
@@ -902,9 +630,12 @@ class Pipeline:
     async def submit(self, inp: GenerateInput) -> AsyncSubmission:
         """Admit through cache and budget, then enqueue a durable job on the chosen tier.
 
-        A cache hit answers at once (state SUCCEEDED, result inline). Otherwise the reservation is held (with the
-        long async TTL) until the job ends; a background task settles it, and so does every ``status`` call that
-        sees the job finished (Commit and Release are idempotent, so both may).
+        A cache hit answers at once (state SUCCEEDED, result inline). Otherwise the reservation goes with the job:
+        its id is in the job's metadata, and whichever router sees the job finished settles it
+        (:class:`~services.router.settlement.AsyncSettler`, or a ``status`` call). Each submission attempt reserves
+        under its own key; a resubmission that finds the request's job already there releases its own reservation
+        (the job holds one). A SubmitJob whose outcome is unknown keeps the money held until a lookup of the job
+        shows whether the job got it.
         """
         if self._jobs is None:
             raise Unavailable("async jobs are not configured", reason="ASYNC_NOT_CONFIGURED")
@@ -920,23 +651,31 @@ class Pipeline:
                 self._inline.pop(next(iter(self._inline)))
             self._inline[job_id] = (inp.attribution.tenant, result)
             return AsyncSubmission(job_id, JobState.SUCCEEDED, decision, result)
-        settle = self._settlement(inp.attribution, None)
+        req = self._request(inp, None, self.limits.async_reservation_ttl_s)
+        attempt = "a" + uuid.uuid4().hex[:12]
         try:
-            tier, policy = await self._reserve_with_downgrade(
-                inp, decision, settle, self.limits.async_reservation_ttl_s
+            tier, policy, _ = await self._reserve_with_downgrade(
+                inp, decision, req.line, attempt, self.limits.async_reservation_ttl_s
             )
-            reservation = settle.reservation
-            meta = json.dumps(
-                {
-                    "reservation_id": reservation.reservation_id if reservation else "",
-                    "tier": tier.label,
-                    "request_id": inp.request_id,
-                    "decision_tier": decision.tier.label,
-                    "policy": policy,
-                    "score": decision.score,
-                }
-            )
-            job = await self._jobs.submit_job(
+        except BaseException:
+            await req.settle_failure()
+            raise
+        res = req.line.reservation
+        money = JobMoney(res.reservation_id, res.expires_ms) if res is not None else JobMoney("")
+        meta = json.dumps(
+            {
+                "reservation_id": money.reservation_id,
+                "expires_ms": money.expires_ms,
+                "tier": tier.label,
+                "request_id": inp.request_id,
+                "decision_tier": decision.tier.label,
+                "policy": policy,
+                "score": decision.score,
+            }
+        )
+        tenant = inp.attribution.tenant
+        try:
+            sub = await self._jobs.submit_job(
                 tier=tier,
                 request_id=inp.request_id,
                 messages=inp.messages,
@@ -944,29 +683,73 @@ class Pipeline:
                 attribution=inp.attribution,
                 metadata=meta,
             )
-        except BaseException:
-            await settle.settle_failure()
+        except UNKNOWN_OUTCOME:
+            held = req.line.handover()
+            if held is not None:
+                self._reconcile_submission(tier, tenant, inp.request_id, held)
             raise
-        settle.reservation = None  # handed over to the job: settled when it ends (status / _settle_when_done)
-        job_id = f"{tier.label}.{job}"
+        except BaseException:
+            await req.settle_failure()
+            raise
+        stored = JobMoney.of(sub.metadata) if sub.replayed else money
+        if stored.reservation_id != money.reservation_id:
+            await req.line.release()  # the request's job was already there, with a reservation of its own
+        else:
+            req.line.handover()
+        if self.settler is not None:
+            self.settler.track(tier, sub.job_id, tenant, stored)
+        job_id = f"{tier.label}.{sub.job_id}"
         final = decision if tier is decision.tier else replace(decision, tier=tier, policy=policy)
-        self._background_task(self._settle_when_done(job_id, inp.attribution, final))
         return AsyncSubmission(job_id, JobState.QUEUED, final)
 
-    async def _settle_when_done(self, job_id: str, attribution: Attribution, decision: Decision) -> None:
-        delay = self.limits.async_poll_s
-        while True:
-            try:
-                status = await self.status(job_id, attribution, decision)
-            except TRANSIENT as err:  # the worker or the budget is down: keep settling once it is back
-                log.warning("async_settle_retrying", job_id=job_id, error=err.message)
-            else:
-                if status.state.terminal:
-                    return
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, self.limits.async_poll_max_s)
+    def _reconcile_submission(self, tier: Tier, tenant: str, request_id: str, held: Reservation) -> None:
+        """A SubmitJob with an unknown outcome: once it has surely landed or died, look the job up; release the
+        reservation unless the job holds it."""
+        jobs = self._jobs
+        assert jobs is not None
 
-    async def status(self, job_id: str, attribution: Attribution, decision: Decision | None = None) -> AsyncStatus:
+        async def reconcile() -> None:
+            job = await jobs.find_job(tier=tier, tenant=tenant, request_id=request_id)
+            if job is not None and JobMoney.of(job.metadata).reservation_id == held.reservation_id:
+                if self.settler is not None:
+                    self.settler.track(tier, job.job_id, tenant, JobMoney.of(job.metadata))
+                return
+            await self._budget.release(reservation_id=held.reservation_id, tenant=tenant)
+
+        self._outbox.spawn(
+            "submit_reconcile", held.reservation_id, reconcile, delay_s=self.limits.job_reconcile_delay_s
+        )
+
+    async def _settle_job(self, tier: Tier, job: JobStatus, tenant: str = "") -> int | None:
+        """Settle a finished job's reservation (commit its usage, or release it) and record that in the job store.
+
+        Idempotent (Commit and Release replay), so several routers may settle the same job. Returns the smallest
+        remaining budget after a commit, when known.
+        """
+        tenant = tenant or job.tenant
+        money = JobMoney.of(job.metadata)
+        if self.settler is not None:
+            self.settler.forget(tenant, money)
+        remaining: int | None = None
+        if money.reservation_id:
+            if job.state is JobState.SUCCEEDED and job.usage is not None:
+                c = self.charge(tier, job.usage, job.model)
+                remaining = await self._budget.commit(
+                    reservation_id=money.reservation_id,
+                    tenant=tenant,
+                    cost_micros=c.cost_micros,
+                    usage=c.usage,
+                    model=c.model,
+                    tier=tier,
+                    saved_micros=c.saved_micros,
+                )
+            elif not job.settled:
+                await self._budget.release(reservation_id=money.reservation_id, tenant=tenant)
+        if not job.settled and self._jobs is not None:
+            await self._jobs.mark_settled(tier=tier, job_id=job.job_id)
+        return remaining
+
+    async def status(self, job_id: str, attribution: Attribution) -> AsyncStatus:
         """The job's state; a finished job is settled (committed or released) before its result is returned."""
         if not attribution.tenant:
             raise InvalidArgument(
@@ -985,49 +768,48 @@ class Pipeline:
         job = await self._jobs.get_job(tier=tier, job_id=inner, tenant=attribution.tenant)
         if not job.state.terminal:
             return AsyncStatus(job_id, job.state)
-        meta = json.loads(job.metadata or "{}")
-        reservation_id = str(meta.get("reservation_id", ""))
+        remaining: int | None = None
+        try:
+            remaining = await self._settle_job(tier, job, attribution.tenant)
+        except TRANSIENT as err:  # the job's record stays unsettled: the async settler commits it later
+            log.warning("async_settle_deferred", job_id=job_id, error=err.message)
+        except CostmeshError as err:  # the job ran: its result is the caller's whatever the ledger said
+            log.error("async_settle_failed", job_id=job_id, error=err.message, reason=err.reason)
         if job.state is not JobState.SUCCEEDED or job.usage is None:
-            if reservation_id:
-                await self._budget.release(reservation_id=reservation_id, tenant=attribution.tenant)
             return AsyncStatus(job_id, job.state, error=job.error or job.state.name)
-        cost = self.cost(tier, job.usage)
-        baseline = self.baseline(job.usage)
-        remaining = None
-        if reservation_id:
-            remaining = await self._budget.commit(
-                reservation_id=reservation_id,
-                tenant=attribution.tenant,
-                cost_micros=cost,
-                usage=job.usage,
-                model=job.model or self._models[tier],
-                tier=tier,
-                saved_micros=max(0, baseline - cost),
-            )
-        if decision is None:
-            decision = Decision(
-                tier=tier,
-                score=float(meta.get("score", 0.0)),
-                threshold=0.0,
-                uncertain=False,
-                reasons=(),
-                classifier_tier={t.label: t for t in Tier}.get(str(meta.get("decision_tier")), tier),
-                policy=str(meta.get("policy", "")),
-            )
+        meta = _metadata(job.metadata)
+        decision = Decision(
+            tier=tier,
+            score=float(meta.get("score", 0.0)),
+            threshold=0.0,
+            uncertain=False,
+            reasons=(),
+            classifier_tier={t.label: t for t in Tier}.get(str(meta.get("decision_tier")), tier),
+            policy=str(meta.get("policy", "")),
+        )
+        c = self.charge(tier, job.usage, job.model)
         result = GenerateResult(
             request_id=str(meta.get("request_id", "")),
             text=job.text,
             usage=job.usage,
-            cost_micros=cost,
+            cost_micros=c.cost_micros,
             tier=tier,
-            model=job.model or self._models[tier],
+            model=c.model,
             decision=decision,
             cache_hit=False,
-            saved_micros=max(0, baseline - cost),
+            saved_micros=c.saved_micros,
             budget_remaining_micros=remaining,
             finish_reason=job.finish_reason,
             ttft_ms=job.ttft_ms,
             escalated=False,
-            baseline_micros=baseline,
+            baseline_micros=self.baseline(job.usage),
         )
         return AsyncStatus(job_id, job.state, result)
+
+
+def _metadata(raw: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(raw or "{}")
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}

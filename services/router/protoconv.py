@@ -9,7 +9,7 @@ from costmesh.router.v1 import router_pb2
 from services.common.attribution import Attribution
 from services.common.pricing import TokenUsage
 from services.router.classifier.types import Message, Tier
-from services.router.pipeline import CacheMode, Decision, FinishReason, GenerateResult, Sampling
+from services.router.domain import CacheMode, Decision, FinishReason, GenerateResult, Sampling
 
 _ROLE_TO_NAME = {
     common_pb2.ROLE_SYSTEM: "system",

@@ -12,8 +12,9 @@ from costmesh.common.v1 import common_pb2
 from costmesh.router.v1 import router_pb2, router_pb2_grpc
 from services.common import deadline
 from services.common.attribution import Attribution, from_metadata
+from services.router.domain import GenerateInput, GenerateResult, JobState, TextDelta
 from services.router.limits import TenantLimiter
-from services.router.pipeline import GenerateInput, GenerateResult, JobState, Pipeline, TextDelta, validate
+from services.router.pipeline import Pipeline, validate
 from services.router.protoconv import (
     attribution_from_proto,
     cache_mode_from_proto,
@@ -76,11 +77,14 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     ) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
         inp = _input(request, context)
         with self._admit(inp.attribution.tenant):
-            async for event in self._pipeline.run(inp):
-                if isinstance(event, TextDelta):
-                    yield router_pb2.GenerateStreamResponse(text=event.text)
-                elif isinstance(event, GenerateResult):
-                    yield router_pb2.GenerateStreamResponse(result=result_to_proto(event))
+            # aclosing: a caller that goes away closes the pipeline's stream now (it stops the worker and bills what
+            # was generated), not whenever the garbage collector gets to it.
+            async with contextlib.aclosing(self._pipeline.run(inp)) as events:
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        yield router_pb2.GenerateStreamResponse(text=event.text)
+                    elif isinstance(event, GenerateResult):
+                        yield router_pb2.GenerateStreamResponse(result=result_to_proto(event))
 
     async def Classify(self, request: router_pb2.ClassifyRequest, context: Context) -> router_pb2.ClassifyResponse:
         inp = GenerateInput(

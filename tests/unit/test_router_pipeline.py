@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 import pytest
 
 from services.common.attribution import Attribution
-from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.common.pricing import PriceTable, TokenUsage
 from services.router.classifier.types import Message, Tier
-from services.router.pipeline import (
+from services.router.domain import (
     CachedAnswer,
     CacheLookup,
     CacheMode,
@@ -24,13 +24,13 @@ from services.router.pipeline import (
     InferChunk,
     JobState,
     JobStatus,
+    JobSubmission,
     LookupOutcome,
-    Pipeline,
-    PipelineLimits,
     Reservation,
     Sampling,
     TextDelta,
 )
+from services.router.pipeline import Pipeline, PipelineLimits
 from services.router.savings import SavingsRecord
 
 ACME = Attribution(tenant="acme", team="t", feature="f")
@@ -100,6 +100,7 @@ class Ledger:
     cap: int = 0
     down: bool = False
     ttls: list[int] = field(default_factory=list)
+    renewals: list[str] = field(default_factory=list)
 
     async def reserve(
         self,
@@ -142,9 +143,63 @@ class Ledger:
     async def release(self, *, reservation_id: str, tenant: str) -> None:
         self.reserved.pop(reservation_id)
 
+    async def renew(self, *, reservation_id: str, tenant: str, ttl_s: int) -> int:
+        if reservation_id not in self.reserved:
+            raise FailedPrecondition("not held", reason="RESERVATION_SETTLED")
+        self.renewals.append(reservation_id)
+        return 0
+
     async def record_savings(self, tenant: str, records: Sequence[SavingsRecord]) -> None:
         assert all(r.attribution.tenant == tenant for r in records)
         self.savings += sum(r.saved_micros for r in records)
+
+
+#: What the fake worker's two chunks and its summary say.
+USAGE = TokenUsage(100, 20, 40)
+CHUNK_TOKENS = 10
+
+
+@dataclass
+class FakeGeneration:
+    """A worker generation: "hello " (10 tokens), then "world" (10 more) with the summary. ``stop`` ends it and
+    reports what was generated so far, as the real worker does (finish ABORT)."""
+
+    workers: Workers
+    tier: Tier
+    output_tokens: int = 0
+    final: InferChunk | None = None
+    failed: bool = False
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def _finish(self, usage: TokenUsage, reason: FinishReason) -> InferChunk:
+        self.final = InferChunk("", usage=usage, finish_reason=reason, model=MODELS[self.tier], ttft_ms=5.0)
+        self.workers.generated.append((self.tier, usage))
+        return self.final
+
+    async def __aiter__(self) -> AsyncIterator[InferChunk]:
+        w = self.workers
+        if self.tier in w.down:
+            self.failed = True
+            raise Unavailable(f"{self.tier.label} down")
+        self.output_tokens += CHUNK_TOKENS
+        yield InferChunk("hello ")
+        w.started.set()
+        if w.hang:
+            await self.stopped.wait()
+            return
+        if w.fail_after_first:
+            self.failed = True
+            raise Unavailable("worker died")
+        self.output_tokens += CHUNK_TOKENS
+        done = self._finish(USAGE, w.finish)
+        yield InferChunk("world", usage=done.usage, finish_reason=done.finish_reason, model=done.model, ttft_ms=5.0)
+
+    async def stop(self, timeout_s: float) -> InferChunk | None:
+        self.workers.stops += 1
+        self.stopped.set()
+        if self.final is None and not self.failed:
+            return self._finish(TokenUsage(USAGE.input_tokens, self.output_tokens, 40), FinishReason.ABORT)
+        return self.final if not self.failed else None
 
 
 @dataclass
@@ -155,22 +210,19 @@ class Workers:
     calls: list[tuple[Tier, int]] = field(default_factory=list)
     started: asyncio.Event = field(default_factory=asyncio.Event)
     hang: bool = False
+    #: (tier, usage) of every generation the worker ran, as its own counters would say: the billing oracle.
+    generated: list[tuple[Tier, TokenUsage]] = field(default_factory=list)
+    stops: int = 0
 
-    async def generate(
+    def generate(
         self, *, tier: Tier, request_id: str, messages: Sequence[Message], sampling: Sampling, attribution: Attribution
-    ) -> AsyncIterator[InferChunk]:
+    ) -> FakeGeneration:
         self.calls.append((tier, sampling.max_tokens))
-        if tier in self.down:
-            raise Unavailable(f"{tier.label} down")
-        yield InferChunk("hello ")
-        self.started.set()
-        if self.hang:
-            await asyncio.sleep(3600)
-        if self.fail_after_first:
-            raise Unavailable("worker died")
-        yield InferChunk(
-            "world", usage=TokenUsage(100, 20, 40), finish_reason=self.finish, model=MODELS[tier], ttft_ms=5.0
-        )
+        return FakeGeneration(self, tier)
+
+    def owed(self) -> int:
+        """What the ledger must hold for everything generated: every token at its tier's price."""
+        return sum(PriceTable().price_for(tier=t.label).cost_micros(u) for t, u in self.generated)
 
 
 class Tokens:
@@ -289,14 +341,17 @@ async def test_unavailable_tier_with_pinned_policy_is_unavailable_and_releases()
     assert ledger.reserved == {} and ledger.committed == 0 and cache.leases == {}
 
 
-async def test_worker_dying_mid_stream_releases_and_abandons() -> None:
+async def test_worker_dying_mid_stream_bills_the_prompt_and_the_tokens_received() -> None:
+    """The worker cannot report (it died): what the router received was generated, and is billed."""
     p, cache, ledger, _ = make(workers=Workers(fail_after_first=True))
     with pytest.raises(Unavailable):
         await p.generate(req())
-    assert ledger.reserved == {} and ledger.committed == 0 and cache.leases == {} and cache.abandons == 1
+    await p.drain()
+    seen = PriceTable().price_for(tier="full").cost_micros(TokenUsage(100, CHUNK_TOKENS, 0))
+    assert ledger.reserved == {} and ledger.committed == seen and cache.leases == {} and cache.abandons == 1
 
 
-async def test_client_cancel_releases_and_abandons() -> None:
+async def test_client_cancel_stops_the_worker_and_bills_what_it_generated() -> None:
     workers = Workers(hang=True)
     p, cache, ledger, _ = make(workers=workers)
     task = asyncio.ensure_future(p.generate(req()))
@@ -305,7 +360,9 @@ async def test_client_cancel_releases_and_abandons() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.sleep(0)
+    await p.drain()
+    assert workers.stops == 1 and workers.generated == [(Tier.FULL, TokenUsage(100, CHUNK_TOKENS, 40))]
+    assert ledger.committed == workers.owed() > 0  # every generated token billed
     assert ledger.reserved == {} and cache.leases == {} and cache.abandons == 1
 
 
@@ -366,6 +423,8 @@ async def test_bad_input_is_rejected_with_every_field_and_nothing_reserved() -> 
 @dataclass
 class Jobs:
     jobs: dict[str, tuple[str, str, JobState]] = field(default_factory=dict)
+    request_ids: dict[str, str] = field(default_factory=dict)
+    settled: set[str] = field(default_factory=set)
 
     async def submit_job(
         self,
@@ -376,24 +435,60 @@ class Jobs:
         sampling: Sampling,
         attribution: Attribution,
         metadata: str,
-    ) -> str:
+    ) -> JobSubmission:
         job_id = f"j{len(self.jobs)}"
         self.jobs[job_id] = (attribution.tenant, metadata, JobState.QUEUED)
-        return job_id
+        self.request_ids[job_id] = request_id
+        return JobSubmission(job_id, False, metadata)
 
-    async def get_job(self, *, tier: Tier, job_id: str, tenant: str) -> JobStatus:
+    def _status(self, job_id: str, tier: Tier) -> JobStatus:
         owner, meta, state = self.jobs[job_id]
-        if owner != tenant:
-            raise NotFound("no such job")
+        settled = job_id in self.settled
+        rid = self.request_ids.get(job_id, "")
         if state is JobState.SUCCEEDED:
             return JobStatus(
-                job_id, state, "done", TokenUsage(100, 20, 40), FinishReason.STOP, MODELS[tier], metadata=meta
+                job_id,
+                state,
+                "done",
+                USAGE,
+                FinishReason.STOP,
+                MODELS[tier],
+                metadata=meta,
+                request_id=rid,
+                tenant=owner,
+                settled=settled,
             )
-        return JobStatus(job_id, state, metadata=meta)
+        return JobStatus(job_id, state, metadata=meta, request_id=rid, tenant=owner, settled=settled)
+
+    async def get_job(self, *, tier: Tier, job_id: str, tenant: str) -> JobStatus:
+        owner, _meta, _state = self.jobs[job_id]
+        if owner != tenant:
+            raise NotFound("no such job")
+        return self._status(job_id, tier)
+
+    async def find_job(self, *, tier: Tier, tenant: str, request_id: str) -> JobStatus | None:
+        for job_id, rid in self.request_ids.items():
+            if rid == request_id and self.jobs[job_id][0] == tenant:
+                return self._status(job_id, tier)
+        return None
+
+    async def list_unsettled(self, *, tier: Tier, page_token: str) -> tuple[list[JobStatus], str]:
+        label = f'"tier": "{tier.label}"'
+        return [
+            self._status(j, tier) for j, (_, meta, _) in self.jobs.items() if j not in self.settled and label in meta
+        ], ""
+
+    async def mark_settled(self, *, tier: Tier, job_id: str) -> None:
+        assert self.jobs[job_id][2].terminal
+        self.settled.add(job_id)
+
+    def finish(self, job_id: str, state: JobState = JobState.SUCCEEDED) -> None:
+        owner, meta, _ = self.jobs[job_id]
+        self.jobs[job_id] = (owner, meta, state)
 
 
-def make_async(ledger: Ledger | None = None) -> tuple[Pipeline, MemCache, Ledger, Jobs]:
-    jobs = Jobs()
+def make_async(ledger: Ledger | None = None, jobs: Jobs | None = None) -> tuple[Pipeline, MemCache, Ledger, Jobs]:
+    jobs = jobs or Jobs()
     cache, ledger = MemCache(), ledger or Ledger()
     p = Pipeline(
         decider=FixedDecider(),
@@ -404,7 +499,7 @@ def make_async(ledger: Ledger | None = None) -> tuple[Pipeline, MemCache, Ledger
         prices=PriceTable(),
         models=MODELS,
         jobs=jobs,
-        limits=PipelineLimits(async_poll_s=0.01, async_poll_max_s=0.01),
+        limits=PipelineLimits(async_settle_every_s=0),
     )
     return p, cache, ledger, jobs
 
@@ -413,14 +508,16 @@ async def test_async_job_holds_its_reservation_until_done_then_commits_once() ->
     p, cache, ledger, jobs = make_async()
     sub = await p.submit(req())
     assert sub.state is JobState.QUEUED and sub.job_id.startswith("full.") and cache.leases == {}
-    assert list(ledger.reserved) == ["r1@full"] and ledger.ttls[-1] == PipelineLimits().async_reservation_ttl_s
+    [key] = ledger.reserved
+    assert key.startswith("r1@a") and ledger.ttls[-1] == PipelineLimits().async_reservation_ttl_s
     status = await p.status(sub.job_id, ACME)
     assert status.state is JobState.QUEUED and ledger.reserved
-    owner, meta, _ = jobs.jobs["j0"]
-    jobs.jobs["j0"] = (owner, meta, JobState.SUCCEEDED)
+    jobs.finish("j0")
     status = await p.status(sub.job_id, ACME)
     assert status.result is not None and status.result.cost_micros == FULL_COST == ledger.committed
-    await asyncio.wait_for(p.drain(), 5)  # the background settler sees it finished too; commit is idempotent
+    assert jobs.settled == {"j0"}  # recorded in the job store: no router settles it again
+    assert p.settler is not None and await p.settler.run_once() == 0
+    await asyncio.wait_for(p.drain(), 5)
     assert ledger.reserved == {} and ledger.committed == FULL_COST
 
 
@@ -431,8 +528,7 @@ async def test_async_failed_job_releases_and_foreign_tenant_cannot_read() -> Non
         await p.status(sub.job_id, Attribution(tenant="other"))
     with pytest.raises(NotFound):
         await p.status("bogus", ACME)
-    owner, meta, _ = jobs.jobs["j0"]
-    jobs.jobs["j0"] = (owner, meta, JobState.FAILED)
+    jobs.finish("j0", JobState.FAILED)
     status = await p.status(sub.job_id, ACME)
     assert status.state is JobState.FAILED and ledger.reserved == {} and ledger.committed == 0
     await asyncio.wait_for(p.drain(), 5)
