@@ -190,7 +190,7 @@ class RouterClient:
             async for chunk in call:
                 yield chunk
         finally:
-            call.cancel()  # closing the iterator early cancels the request (and releases its reservation)
+            call.cancel()  # closing the iterator early cancels the request (the router bills what was generated)
 
     async def classify(self, prompt: str, *, max_tokens: int = 0) -> router_pb2.RouteDecision:
         request = router_pb2.ClassifyRequest(

@@ -378,10 +378,11 @@ class GrpcInfer:
             attribution=attribution_to_proto(attribution),
             metadata=metadata,
         )
+        timeout = deadline.timeout(self._job_timeout_s)
         try:
-            reply = await stub.SubmitJob(request, timeout=deadline.timeout(self._job_timeout_s))
+            reply = await stub.SubmitJob(request, timeout=timeout)
         except grpc.aio.AioRpcError as err:
-            raise error_from_rpc(err, peer=f"infer-{tier.label}") from err
+            raise self._job_error(err, tier, timeout) from err
         return JobSubmission(job_id=reply.job_id, replayed=reply.replayed, metadata=reply.metadata)
 
     async def get_job(self, *, tier: Tier, job_id: str, tenant: str) -> JobStatus:
@@ -395,11 +396,23 @@ class GrpcInfer:
 
     async def _get_job(self, tier: Tier, request: infer_pb2.GetJobRequest) -> JobStatus:
         stub = self._stub(tier)
+        timeout = deadline.timeout(self._job_timeout_s)
         try:
-            reply = await stub.GetJob(request, timeout=deadline.timeout(self._job_timeout_s))
+            reply = await stub.GetJob(request, timeout=timeout)
         except grpc.aio.AioRpcError as err:
-            raise error_from_rpc(err, peer=f"infer-{tier.label}") from err
+            raise self._job_error(err, tier, timeout) from err
         return _job_status(reply.job)
+
+    def _job_error(self, err: grpc.aio.AioRpcError, tier: Tier, timeout: float) -> CostmeshError:
+        """The domain error of a failed job call. Our own deadline on the worker passing is the worker being
+        unavailable (retryable); DEADLINE_EXCEEDED stays the answer for a caller whose own time ran out."""
+        if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout >= self._job_timeout_s:
+            return Unavailable(
+                f"infer-{tier.label}: no answer in {self._job_timeout_s:g} s",
+                reason="WORKER_TIMEOUT",
+                retry_after_s=1.0,
+            )
+        return error_from_rpc(err, peer=f"infer-{tier.label}")
 
     async def list_unsettled(self, *, tier: Tier, page_token: str) -> tuple[list[JobStatus], str]:
         stub = self._stub(tier)
@@ -407,7 +420,7 @@ class GrpcInfer:
         try:
             reply = await stub.ListJobs(request, timeout=self._job_timeout_s)
         except grpc.aio.AioRpcError as err:
-            raise error_from_rpc(err, peer=f"infer-{tier.label}") from err
+            raise self._job_error(err, tier, self._job_timeout_s) from err
         return [_job_status(j) for j in reply.jobs], reply.next_page_token
 
     async def mark_settled(self, *, tier: Tier, job_id: str) -> None:
@@ -415,7 +428,7 @@ class GrpcInfer:
         try:
             await stub.MarkJobSettled(infer_pb2.MarkJobSettledRequest(job_id=job_id), timeout=self._job_timeout_s)
         except grpc.aio.AioRpcError as err:
-            raise error_from_rpc(err, peer=f"infer-{tier.label}") from err
+            raise self._job_error(err, tier, self._job_timeout_s) from err
 
 
 _JOB_STATES = {s.value: s for s in JobState}

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from costmesh.budget.v1 import budget_pb2, budget_pb2_grpc
 from costmesh.client import RouterClient
@@ -29,6 +27,7 @@ from services.common import semconv as sc
 from services.router.savings import FLUSH_SPAN
 from tests.support.mesh import Mesh, free_layout, running_async
 from tests.support.otlp import CLIENT, CONSUMER, SERVER, Link, Span, SpanReceiver
+from tests.support.prom import Samples, scrape, total
 from tests.support.telemetry import exported_series
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
@@ -329,23 +328,8 @@ async def test_an_async_job_links_back_to_the_trace_that_submitted_it(mesh: Mesh
 # -- metrics -------------------------------------------------------------------------------------------------------
 
 
-def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:  # loopback only
-        text = r.read().decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def scrape_all(m: Mesh) -> dict[str, dict[tuple[str, frozenset[tuple[str, str]]], float]]:
+def scrape_all(m: Mesh) -> dict[str, Samples]:
     return {name: scrape(port) for name, port in m.layout.metrics_ports.items()}
-
-
-def total(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
 async def test_metrics_counters_move_as_requests_are_made(mesh: Mesh) -> None:
