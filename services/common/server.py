@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.auth_grpc import server_interceptors
+from services.common.exposure import EX_CONFIG, InsecureBind, require_secure_listeners
 from services.common.interceptors import ErrorInterceptor, LogContextInterceptor
 from services.common.rpc_telemetry import ServerSpanInterceptor
 from services.common.settings import ServiceSettings
@@ -180,12 +181,19 @@ def make_host(
 ) -> ServiceHost:
     """Configure logging and telemetry for this process and return its ``ServiceHost``.
 
-    Call once, from a service's composition root (``services/<svc>/__main__.py``).
+    Call once, from a service's composition root (``services/<svc>/__main__.py``). Before anything binds, every
+    listener of ``settings`` must pass :mod:`services.common.exposure` (no open port beyond loopback): otherwise the
+    process logs ``insecure_listener_refused`` naming the settings to set, and exits with status 78 (``EX_CONFIG``).
     """
     from services.common.logging import configure_logging
     from services.common.telemetry import setup_telemetry
 
     configure_logging(service=name, level=settings.log_level, fmt=settings.log_format)
+    try:
+        require_secure_listeners(settings)
+    except InsecureBind as err:
+        log.error("insecure_listener_refused", error=str(err))
+        raise SystemExit(EX_CONFIG) from None
     telemetry = setup_telemetry(
         service=name,
         otlp_endpoint=settings.otlp_endpoint,

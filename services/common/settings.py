@@ -62,7 +62,11 @@ class ServiceSettings(BaseSettings):
 
     model_config = service_settings_config("common")
 
-    host: str = Field("127.0.0.1", description="Interface the gRPC server binds to ('0.0.0.0' in containers).")
+    host: str = Field(
+        "127.0.0.1",
+        description="Interface the gRPC server binds to ('0.0.0.0' in containers; beyond loopback it needs API keys, "
+        "mTLS or allow_insecure: services/common/exposure.py).",
+    )
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one (tests).")
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Prometheus /metrics port; unset = no metrics endpoint."
@@ -81,7 +85,18 @@ class ServiceSettings(BaseSettings):
         None, ge=0, le=65535, description="Extra plaintext port serving only gRPC health (probes beside mTLS)."
     )
     auth: AuthSettings = Field(
-        default_factory=AuthSettings, description="API keys (off by default; see services/common/auth.py)."
+        default_factory=AuthSettings,
+        description="API keys (off by default; required beyond loopback unless mTLS: services/common/auth.py).",
+    )
+    allow_insecure: bool = Field(
+        False,
+        description="Serve without API keys or mTLS on a non-loopback host (warned at every start); see "
+        "services/common/exposure.py.",
+    )
+    metrics_public: bool = Field(
+        False,
+        description="Serve /metrics (plain HTTP, no auth; tenant names and spend) on a non-loopback host, for "
+        "Prometheus.",
     )
 
     @classmethod

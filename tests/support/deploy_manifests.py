@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from scripts import validate_deploy as vd
+from services.cli.certs import AUTH_SECRET
 from services.common.settings import CONFIG_ENV, ServiceSettings
 
 SERVICES = ("router", "cache", "budget", "infer")
@@ -30,6 +31,18 @@ EXTERNAL_SECRET_SAMPLE = {
     "address": "redis.example.internal:6379",
     "password": "secret",
 }
+
+
+#: Where compose mounts a service's secrets (short syntax, or long syntax without an absolute target).
+COMPOSE_SECRETS_DIR = "/run/secrets"
+
+
+@dataclass(frozen=True)
+class MountedSecret:
+    """A file a container gets from a secret: a Kubernetes Secret's key, or a compose secret's file."""
+
+    secret: str  # the Kubernetes Secret, or the compose secret's name
+    key: str  # the Secret's key, or the name of the compose secret's file (what `costmesh certs deploy` writes)
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,7 @@ class ServiceContainer:
     pod_annotations: Mapping[str, str] = field(default_factory=dict)
     termination_grace_s: int | None = None  # the pod's terminationGracePeriodSeconds
     pre_stop: tuple[str, ...] = ()  # the container's preStop exec command
+    secret_files: Mapping[str, MountedSecret] = field(default_factory=dict)  # path in the container -> its source
 
     @property
     def id(self) -> str:
@@ -114,6 +128,31 @@ def _mounted_config(pod_spec: dict[str, Any], container: dict[str, Any], objs: l
     return None
 
 
+def _secret_files(
+    pod_spec: dict[str, Any], container: dict[str, Any], objs: list[dict[str, Any]]
+) -> dict[str, MountedSecret]:
+    """Every file a container gets from a Secret volume: its path in the container and the Secret's key."""
+    files: dict[str, MountedSecret] = {}
+    volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        source = volumes[mount["name"]].get("secret")
+        if source is None:
+            continue
+        name = source["secretName"]
+        items = source.get("items")
+        if items is None:
+            secret = next((o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"] == name), None)
+            keys = (
+                {*secret.get("data", {}), *secret.get("stringData", {})}
+                if secret is not None
+                else vd.EXTERNAL_SECRET_KEYS.get(name, set())
+            )
+            items = [{"key": k, "path": k} for k in sorted(keys)]
+        for item in items:
+            files[f"{mount['mountPath'].rstrip('/')}/{item['path']}"] = MountedSecret(name, item["key"])
+    return files
+
+
 def k8s_containers(overlay: str) -> Iterator[ServiceContainer]:
     objs = list(vd.render(overlay))
     for obj in objs:
@@ -138,6 +177,7 @@ def k8s_containers(overlay: str) -> Iterator[ServiceContainer]:
                 pod_annotations=template.get("metadata", {}).get("annotations", {}),
                 termination_grace_s=pod_spec.get("terminationGracePeriodSeconds"),
                 pre_stop=tuple(c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])),
+                secret_files=_secret_files(pod_spec, c, objs),
             )
 
 
@@ -156,25 +196,59 @@ def compose_containers() -> Iterator[ServiceContainer]:
             source, target = vol.split(":")[:2]
             if target == CONFIG_PATH:
                 config_text = (vd.COMPOSE_DIR / source).read_text(encoding="utf-8")
-        yield ServiceContainer("compose", name, service, tuple(command), env, config_text)
+        secret_files: dict[str, MountedSecret] = {}
+        for ref in svc.get("secrets", []):
+            secret_name = ref if isinstance(ref, str) else ref["source"]
+            target = secret_name if isinstance(ref, str) else ref.get("target", secret_name)
+            path = target if target.startswith("/") else f"{COMPOSE_SECRETS_DIR}/{target}"
+            secret_files[path] = MountedSecret(secret_name, Path(doc["secrets"][secret_name]["file"]).name)
+        yield ServiceContainer("compose", name, service, tuple(command), env, config_text, secret_files=secret_files)
 
 
 def all_containers() -> list[ServiceContainer]:
     return [*(c for overlay in vd.overlays() for c in k8s_containers(overlay)), *compose_containers()]
 
 
-def settings_env(container: ServiceContainer, config_dir: Path) -> dict[str, str]:
-    """The container's environment with its settings file written under ``config_dir`` and pointed at."""
-    env = dict(container.costmesh_env())
+def settings_env(
+    container: ServiceContainer, config_dir: Path, files: Mapping[str, Path] | None = None
+) -> dict[str, str]:
+    """The container's environment with its settings file written under ``config_dir`` and pointed at.
+
+    ``files`` maps paths in the container (its secret files) to local ones: where the environment or the settings
+    file names one, the local path is substituted."""
+    files = files or {}
+
+    def local(text: str) -> str:
+        for container_path, path in files.items():
+            text = text.replace(container_path, str(path))
+        return text
+
+    env = {k: local(v) for k, v in container.costmesh_env().items()}
     if CONFIG_ENV in env:
         if env[CONFIG_ENV] != CONFIG_PATH:
             raise ValueError(f"{container.id}: {CONFIG_ENV}={env[CONFIG_ENV]}, but manifests mount {CONFIG_PATH}")
         if container.config_text is None:
             raise ValueError(f"{container.id}: {CONFIG_ENV} is set but nothing is mounted at {CONFIG_PATH}")
         path = config_dir / f"{container.source}-{container.name}.yaml"
-        path.write_text(container.config_text, encoding="utf-8")
+        path.write_text(local(container.config_text), encoding="utf-8")
         env[CONFIG_ENV] = str(path)
     return env
+
+
+def materialize_secret_files(container: ServiceContainer, certs_dir: Path, into: Path) -> dict[str, Path]:
+    """Copy what the container's secret files would hold, from what ``costmesh certs deploy`` wrote in
+    ``certs_dir``, under ``into``; returns container path -> local path, for :func:`settings_env`.
+
+    Only what the container mounts is copied, so a setting naming a file its mounts lack finds nothing."""
+    files: dict[str, Path] = {}
+    for container_path, mounted in container.secret_files.items():
+        if container.source != "compose" and mounted.secret != AUTH_SECRET:
+            raise ValueError(f"{container.id}: {container_path} comes from Secret {mounted.secret}, not {AUTH_SECRET}")
+        local = into / container.source / container.name / container_path.lstrip("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes((certs_dir / mounted.key).read_bytes())
+        files[container_path] = local
+    return files
 
 
 def config_documents() -> list[tuple[str, dict[str, Any]]]:

@@ -240,7 +240,7 @@ def test_keda_schema_rejects_bad_triggers() -> None:
 
 def test_reference_checks_catch_broken_wiring() -> None:
     objs = objects("dev-cpu")
-    assert vd.check_references(objs) == []
+    assert vd.check_references(objs, vd.EXTERNAL["dev-cpu"]) == []
     svc = named(objs, "Service", "cache-headless")
     svc["spec"]["selector"] = {"app.kubernetes.io/name": "kache"}
     hpa = named(objs, "HorizontalPodAutoscaler", "budget")
@@ -255,8 +255,11 @@ def test_reference_checks_catch_broken_wiring() -> None:
     ] = "no-such-key"
     container(cache)["securityContext"]["allowPrivilegeEscalation"] = True
     named(objs, "NetworkPolicy", "infer-ingress")["spec"]["ingress"][0]["ports"][0]["port"] = "grpcc"
-    errors = "\n".join(vd.check_references(objs))
+    router_auth = next(v for v in router["spec"]["template"]["spec"]["volumes"] if v["name"] == "auth")
+    router_auth["secret"]["items"].append({"key": "admin.key", "path": "admin.key"})
+    errors = "\n".join(vd.check_references(objs, vd.EXTERNAL["dev-cpu"]))
     assert "Service/cache-headless: selector" in errors
+    assert "external Secret/costmesh-auth is not documented to have key 'admin.key'" in errors
     assert "scaleTargetRef Deployment/budgett does not exist" in errors
     assert "Deployment/router: sets spec.replicas" in errors
     assert "livenessProbe: gRPC port 50052" in errors
@@ -266,9 +269,10 @@ def test_reference_checks_catch_broken_wiring() -> None:
     assert "named port 'grpcc'" in errors
 
 
-def test_prod_external_secrets_are_documented() -> None:
-    objs = objects("prod-gpu")
-    assert vd.check_references(objs, vd.EXTERNAL["prod-gpu"]) == []
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_external_secrets_are_documented(overlay: str) -> None:
+    objs = objects(overlay)
+    assert vd.check_references(objs, vd.EXTERNAL[overlay]) == []
     assert vd.check_references(objs) != []  # without the list, the Secrets really are missing from the render
     for secret, keys in vd.EXTERNAL_SECRET_KEYS.items():
         assert secret in README
