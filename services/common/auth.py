@@ -206,6 +206,7 @@ RULES: dict[str, MethodRule] = {
     "/costmesh.budget.v1.BudgetService/Reserve": MethodRule(_SERVICE, "attribution.tenant"),
     "/costmesh.budget.v1.BudgetService/Commit": MethodRule(_SERVICE, "tenant"),
     "/costmesh.budget.v1.BudgetService/Release": MethodRule(_SERVICE, "tenant"),
+    "/costmesh.budget.v1.BudgetService/RenewReservation": MethodRule(_SERVICE, "tenant"),
     "/costmesh.budget.v1.BudgetService/RecordSavings": MethodRule(_SERVICE, "attribution.tenant"),
     "/costmesh.budget.v1.BudgetService/RecordSavingsBatch": MethodRule(_SERVICE, "tenant"),
     "/costmesh.budget.v1.BudgetService/SetBudget": ADMIN_ONLY,
@@ -220,6 +221,9 @@ RULES: dict[str, MethodRule] = {
     "/costmesh.infer.v1.InferenceService/Generate": MethodRule(_SERVICE, "attribution.tenant"),
     "/costmesh.infer.v1.InferenceService/SubmitJob": MethodRule(_SERVICE, "attribution.tenant"),
     "/costmesh.infer.v1.InferenceService/GetJob": MethodRule(_SERVICE, "tenant", "all", all_tenants=_SERVICE),
+    # Any router settles any finished job (services/router/settlement.py): the listing spans every tenant.
+    "/costmesh.infer.v1.InferenceService/ListJobs": MethodRule(_SERVICE),
+    "/costmesh.infer.v1.InferenceService/MarkJobSettled": MethodRule(_SERVICE, "tenant", "all", all_tenants=_SERVICE),
     "/costmesh.infer.v1.InferenceService/ListModels": MethodRule(_TENANT_OR_SERVICE),
 }
 

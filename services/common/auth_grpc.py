@@ -78,9 +78,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if isinstance(principal, CostmeshError):
             raise principal
         named = _field(request, rule.tenant_field) if rule.tenant_field and request is not None else ""
-        if rule.tenant_field and request is None and principal.role is not Role.ADMIN:
-            # A streamed request cannot be inspected up front; no costmesh RPC streams requests today.
-            raise PermissionDenied("streamed requests need an admin key", reason="ADMIN_REQUIRED")
+        if rule.tenant_field and request is None and principal.role is Role.TENANT:
+            # A streamed request cannot be inspected up front, so a tenant key's tenant cannot be checked: no
+            # tenant-facing RPC streams requests. Service and admin keys act for any tenant (the infer worker's
+            # bidirectional Generate is the router's).
+            raise PermissionDenied("streamed requests need a service or admin key", reason="ROLE")
         verdict = authorize(principal, rule, named=named, metadata_tenants=tenants)
         if verdict.fill_tenant and rule.tenant_field:
             _set_field(request, rule.tenant_field, verdict.fill_tenant)
