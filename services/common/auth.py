@@ -205,6 +205,7 @@ RULES: dict[str, MethodRule] = {
     "/costmesh.budget.v1.BudgetService/Reserve": MethodRule(_SERVICE, "attribution.tenant"),
     "/costmesh.budget.v1.BudgetService/Commit": MethodRule(_SERVICE, "tenant"),
     "/costmesh.budget.v1.BudgetService/Release": MethodRule(_SERVICE, "tenant"),
+    "/costmesh.budget.v1.BudgetService/RenewReservation": MethodRule(_SERVICE, "tenant"),
     "/costmesh.budget.v1.BudgetService/RecordSavings": MethodRule(_SERVICE, "attribution.tenant"),
     "/costmesh.budget.v1.BudgetService/RecordSavingsBatch": MethodRule(_SERVICE, "tenant"),
     "/costmesh.budget.v1.BudgetService/SetBudget": ADMIN_ONLY,
