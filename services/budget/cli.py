@@ -257,7 +257,7 @@ def usage(
     header = " ".join(f"{c:<{key_width}}" for c in cols)
     typer.echo(
         f"{header} {'spent USD':>14} {'saved USD':>14} {'requests':>9} {'in tok':>11} {'out tok':>11} "
-        f"{'cache hits':>10} {'over est':>8}"
+        f"{'cache hits':>10} {'over est':>8} {'late':>6}"
     )
 
     def line(keys: list[str], row: budget_pb2.UsageRow) -> str:
@@ -265,7 +265,7 @@ def usage(
         return (
             f"{cells} {micros_to_usd(row.cost_micros):>14} {micros_to_usd(row.saved_micros):>14} {row.requests:>9} "
             f"{row.usage.input_tokens:>11} {row.usage.output_tokens:>11} {row.cache_hits:>10} "
-            f"{row.over_estimate_commits:>8}"
+            f"{row.over_estimate_commits:>8} {row.late_commits:>6}"
         )
 
     for row in response.rows if groups else []:

@@ -4,8 +4,11 @@ This is the whole behaviour of the service minus the wire format: the servicer (
 protos to the inputs below and results back. Errors are the shared domain errors (``services.common.errors``):
 bad input is ``InvalidArgument`` with one field violation per bad field (and nothing is written), unknown or
 foreign reservation ids are ``NotFound``, a hard stop is ``ResourceExhausted`` with one quota violation per limit
-passed plus the time until the window resets, and an unreachable store is ``Unavailable`` (fail closed) unless
-``fail_open`` is set.
+passed plus the time until the window resets, renewing a reservation no longer held is ``FailedPrecondition``,
+and an unreachable store is ``Unavailable`` (fail closed) unless ``fail_open`` is set.
+
+The only ways past a hard limit are a commit above its estimate and a late commit (of a reservation that expired
+or was released: the work ran, so the ledger records it); both are charged in full and counted.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from services.budget.model import (
     PPM,
     Limit,
     Policy,
+    ReservationState,
     Scope,
     ScopeKind,
     ScopeSnapshot,
@@ -35,6 +39,8 @@ from services.budget.policy import Headroom, headroom, max_tokens_cap, min_remai
 from services.budget.store import (
     BudgetStore,
     CommitCommand,
+    LateReason,
+    RenewCommand,
     ReserveCommand,
     SavingsCommand,
     StoreUnavailable,
@@ -107,6 +113,8 @@ class Reservation:
     replayed: bool
     max_tokens_cap: int
     remaining_micros: int | None
+    state: ReservationState = ReservationState.HELD
+    """HELD, or COMMITTED when it replays a reservation already settled with a commit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,12 +134,19 @@ class CommitResult:
     over_estimate: bool
     replayed: bool
     remaining_micros: int | None
+    late: LateReason = ""
+    """"expired" or "released" when nothing was held for it any more (charged in full all the same)."""
 
 
 @dataclass(frozen=True, slots=True)
 class ReleaseResult:
     released_micros: int
     replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RenewResult:
+    expires_unix_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,7 +329,7 @@ def _unavailable(err: StoreUnavailable) -> Unavailable:
 
 
 class BudgetLedger:
-    """Reserve / Commit / Release / RecordSavings(Batch) / SetBudget / GetBudget / GetUsage over a store."""
+    """Reserve / Commit / Release / Renew / RecordSavings(Batch) / SetBudget / GetBudget / GetUsage over a store."""
 
     def __init__(
         self,
@@ -379,12 +394,14 @@ class BudgetLedger:
             replayed=outcome.status == "replayed",
             max_tokens_cap=max_tokens_cap(snaps),
             remaining_micros=min_remaining(rows),
+            state=outcome.state,
         )
         log.debug(
             "budget_reserved",
             reservation_id=result.reservation_id,
             estimated_cost_micros=req.estimated_cost_micros,
             replayed=result.replayed,
+            state=result.state.name,
             soft_limit_exceeded=result.soft_limit_exceeded,
         )
         return result
@@ -460,6 +477,7 @@ class BudgetLedger:
             tier=req.tier,
             saved_micros=req.saved_micros,
             at=buckets(now),
+            retention_ms=self._s.retention_s * 1000,
         )
         try:
             outcome = await self._store.commit(cmd)
@@ -470,22 +488,29 @@ class BudgetLedger:
             return CommitResult(req.actual_cost_micros, False, False, None)
         if outcome.status == "not_found":
             raise NotFound(f"reservation {req.reservation_id!r} not found", reason="RESERVATION_NOT_FOUND")
-        if outcome.status == "released":
-            raise FailedPrecondition(
-                f"reservation {req.reservation_id!r} was released; it cannot be committed",
-                reason="RESERVATION_RELEASED",
-            )
-        if outcome.over_estimate and outcome.status == "committed":
-            log.warning(
-                "budget_commit_over_estimate",
-                reservation_id=req.reservation_id,
-                actual_cost_micros=outcome.charged_micros,
-            )
-        if outcome.late:
-            log.warning("budget_commit_after_expiry", reservation_id=req.reservation_id)
+        if outcome.status == "committed":
+            if outcome.over_estimate:
+                log.warning(
+                    "budget_commit_over_estimate",
+                    reservation_id=req.reservation_id,
+                    actual_cost_micros=outcome.charged_micros,
+                )
+            if outcome.late:
+                # Nothing was held for this spend any more: it may have passed a limit. An overspend event.
+                log.error(
+                    "budget_commit_late",
+                    tenant=req.tenant,
+                    reservation_id=req.reservation_id,
+                    actual_cost_micros=outcome.charged_micros,
+                    reason=outcome.late,
+                )
         rows = [h for s in outcome.scopes for h in headroom(s, now_ms=now)]
         return CommitResult(
-            outcome.charged_micros, outcome.over_estimate, outcome.status == "replayed", min_remaining(rows)
+            outcome.charged_micros,
+            outcome.over_estimate,
+            outcome.status == "replayed",
+            min_remaining(rows),
+            outcome.late,
         )
 
     async def release(self, tenant: str, reservation_id: str) -> ReleaseResult:
@@ -505,13 +530,48 @@ class BudgetLedger:
             raise NotFound(f"reservation {reservation_id!r} not found", reason="RESERVATION_NOT_FOUND")
         return ReleaseResult(outcome.released_micros, outcome.status == "replayed")
 
+    async def renew(self, tenant: str, reservation_id: str, ttl_seconds: int = 0) -> RenewResult:
+        """Extend a held reservation to expire no sooner than ``ttl_seconds`` from now (0 = ``default_ttl_s``;
+        capped at ``max_ttl_s``). ``NotFound`` for an unknown or another tenant's id; ``FailedPrecondition``
+        RESERVATION_SETTLED (committed or released) or RESERVATION_EXPIRED (its money already went back: it is not
+        held again)."""
+        v = Validator()
+        _check_tenant(v, tenant, "tenant")
+        _check_reservation_id(v, reservation_id)
+        if ttl_seconds < 0:
+            v.add("ttl_seconds", "must be >= 0", "NEGATIVE")
+        v.raise_if_any("invalid RenewReservationRequest")
+        now = self._clock()
+        ttl_ms = min(ttl_seconds or self._s.default_ttl_s, self._s.max_ttl_s) * 1000
+        if reservation_id.startswith(OPEN_PREFIX):  # fail-open: nothing is held, nothing expires
+            return RenewResult(now + ttl_ms)
+        cmd = RenewCommand(tenant, reservation_id, now + ttl_ms, buckets(now), self._s.retention_s * 1000)
+        try:
+            outcome = await self._store.renew(cmd)
+        except StoreUnavailable as err:
+            raise _unavailable(err) from err
+        if outcome.status == "not_found":
+            raise NotFound(f"reservation {reservation_id!r} not found", reason="RESERVATION_NOT_FOUND")
+        if outcome.status == "settled":
+            raise FailedPrecondition(
+                f"reservation {reservation_id!r} is already committed or released", reason="RESERVATION_SETTLED"
+            )
+        if outcome.status == "expired":
+            raise FailedPrecondition(
+                f"reservation {reservation_id!r} expired; its money went back and it is not held again",
+                reason="RESERVATION_EXPIRED",
+            )
+        log.debug("budget_renewed", reservation_id=reservation_id, expires_unix_ms=outcome.expires_ms)
+        return RenewResult(outcome.expires_ms)
+
     # Savings ----------------------------------------------------------------------------------------------
 
     async def record_savings(self, records: Sequence[SavingsInput], *, tenant: str | None = None) -> list[bool]:
         """Record savings; ``replayed`` per record, in order. ``tenant`` None: one RecordSavings (exactly one record,
         field paths as in RecordSavingsRequest). Else a RecordSavingsBatch of that tenant: 1 to
-        :data:`MAX_SAVINGS_BATCH` records with distinct request ids, each of ``tenant`` (paths ``records[i].…``).
-        All or nothing: any bad field rejects the whole call before the store is touched."""
+        :data:`MAX_SAVINGS_BATCH` records, each of ``tenant`` (paths ``records[i].…``); a request id repeated in the
+        batch counts once (its later records are replays). All or nothing: any bad field rejects the whole call
+        before the store is touched."""
         v = Validator()
         if tenant is None:
             if len(records) != 1:
@@ -554,13 +614,9 @@ class BudgetLedger:
         elif len(records) > MAX_SAVINGS_BATCH:
             v.add("records", f"at most {MAX_SAVINGS_BATCH} records", "TOO_MANY")
             return  # the count alone rejects it: no point checking thousands of records
-        seen: set[str] = set()
         for i, r in enumerate(records):
             prefix = f"records[{i}]."
             _check_savings(v, r, prefix, self._s.max_request_micros)
-            if r.request_id and r.request_id in seen:
-                v.add(prefix + "request_id", "request ids of a batch must be distinct", "DUPLICATE")
-            seen.add(r.request_id)
             if tenant and r.attribution.tenant and r.attribution.tenant != tenant:
                 v.add(prefix + "attribution.tenant", "must be empty or the batch's tenant", "TENANT_MISMATCH")
 

@@ -1,5 +1,6 @@
 """The budget's metrics and span attributes: reservations and hard-stop rejections, committed spend and recorded
-savings (each counted once: replays of an idempotent call are not), and the headroom of every limited scope.
+savings, late commits (overspend events), renewals (each counted once: replays of an idempotent call are not), and
+the headroom of every limited scope.
 
 Built by the composition root from the process ``MeterProvider`` and handed to the servicer (``metrics=``), which
 calls one method per RPC with domain values; each method also annotates the RPC's server span. ``CommitRequest``
@@ -63,6 +64,19 @@ class BudgetMetrics:
         )
         self._saved = meter.create_counter(
             "costmesh.budget.saved.micros", unit="{microUSD}", description="Savings recorded in the ledger, micro-USD"
+        )
+        self._late = meter.create_counter(
+            "costmesh.budget.late_commits",
+            unit="{commit}",
+            description="Commits of a reservation that had expired or been released (charged in full; overspend)",
+        )
+        self._late_micros = meter.create_counter(
+            "costmesh.budget.late_committed.micros",
+            unit="{microUSD}",
+            description="Spend charged by late commits (nothing was held for it), micro-USD",
+        )
+        self._renewals = meter.create_counter(
+            "costmesh.budget.renewals", unit="{renewal}", description="RenewReservation calls by outcome"
         )
         meter.create_observable_gauge(
             "costmesh.budget.remaining.micros",
@@ -166,6 +180,10 @@ class BudgetMetrics:
             self._committed.add(r.charged_micros, dims)
             if req.saved_micros > 0:
                 self._saved.add(req.saved_micros, {**dims, "reason": "routing"})
+            if r.late:
+                late = {"tenant": req.tenant, "team": who.team, "feature": who.feature, "reason": r.late}
+                self._late.add(1, late)
+                self._late_micros.add(r.charged_micros, late)
         annotate(
             {
                 **attribution_attributes(who),
@@ -173,7 +191,7 @@ class BudgetMetrics:
                 sc.GEN_AI_REQUEST_MODEL: req.model or None,
                 sc.TIER: tier_label(req.tier),
                 sc.COST_MICROS: r.charged_micros,
-                sc.BUDGET_OUTCOME: "replayed" if r.replayed else "committed",
+                sc.BUDGET_OUTCOME: "replayed" if r.replayed else "committed_late" if r.late else "committed",
                 sc.BUDGET_RESERVATION_ID: req.reservation_id,
                 sc.BUDGET_REMAINING_MICROS: r.remaining_micros,
             }
@@ -184,6 +202,17 @@ class BudgetMetrics:
             {
                 **attribution_attributes(with_baggage(Attribution(tenant=tenant))),
                 sc.BUDGET_OUTCOME: "released",
+                sc.BUDGET_RESERVATION_ID: reservation_id,
+            }
+        )
+
+    def renewed(self, tenant: str, reservation_id: str, outcome: str) -> None:
+        """``outcome``: renewed, settled, expired or not_found."""
+        self._renewals.add(1, {"tenant": tenant, "outcome": outcome})
+        annotate(
+            {
+                **attribution_attributes(with_baggage(Attribution(tenant=tenant))),
+                sc.BUDGET_OUTCOME: outcome,
                 sc.BUDGET_RESERVATION_ID: reservation_id,
             }
         )

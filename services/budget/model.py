@@ -43,6 +43,15 @@ class Tier(enum.IntEnum):
     FULL = 2
 
 
+class ReservationState(enum.IntEnum):
+    """Where a reservation is in its life (numbers as ``costmesh.budget.v1.ReservationState``)."""
+
+    HELD = 1
+    COMMITTED = 2
+    RELEASED = 3
+    EXPIRED = 4
+
+
 #: Windows in the order stores report spent counters.
 WINDOWS: tuple[Window, ...] = (Window.HOUR, Window.DAY, Window.MONTH, Window.LIFETIME)
 
@@ -249,6 +258,8 @@ class UsageCounters:
     saved_micros: int = 0
     cache_hits: int = 0
     over_estimate: int = 0
+    late_commits: int = 0
+    """Commits of a reservation that had expired or been released (recorded in full: overspend events)."""
 
     def add(self, other: UsageCounters) -> None:
         self.cost_micros += other.cost_micros
@@ -259,6 +270,7 @@ class UsageCounters:
         self.saved_micros += other.saved_micros
         self.cache_hits += other.cache_hits
         self.over_estimate += other.over_estimate
+        self.late_commits += other.late_commits
 
 
 #: Single-letter field codes of :class:`UsageCounters` in stores (order matters for SQLite columns).
@@ -271,6 +283,7 @@ COUNTER_CODES: tuple[tuple[str, str], ...] = (
     ("s", "saved_micros"),
     ("h", "cache_hits"),
     ("x", "over_estimate"),
+    ("l", "late_commits"),
 )
 
 

@@ -10,11 +10,14 @@ Every key a script names is declared in KEYS. A *domain* is the set of keys in o
                ``<scope>\\x1fq<n>`` (n = second % 60) -> the rate ring: (second, requests, tokens) as 3 int64
 ``exp``  zset  active reservation id -> expiry (ms); everything at or below "now" is returned on entry
 ``res``  hash  reservation id -> record, fields joined by \\x1f: state (a|c|r|e), cost, tokens, expires, scopes
-               (joined by \\x1e), request_id, team, feature, end_user, model, tier, actual, over
+               (joined by \\x1e), request_id, team, feature, end_user, model, tier, actual, over, late (of a
+               committed one: "" or the state it was in when the commit came, e or r; absent in records written
+               before late commits were flagged)
 ``gc``   zset  settled reservation id -> when its record is dropped (settlement + retention)
 
-A tenant domain also has ``req`` (request id -> reservation id), usage rollups ``u:<m|h|d>:<bucket>`` and ``u:L``
-(field: dims joined by \\x1f -> 8 int64 counters c,i,o,k,n,s,h,x), ``meta`` (first activity) and
+A tenant domain also has ``req`` (request id -> its current reservation id: one released or expired is replaced
+by the next admission of the request id), usage rollups ``u:<m|h|d>:<bucket>`` and ``u:L`` (field: dims joined by
+\\x1f -> 9 int64 counters c,i,o,k,n,s,h,x,l; 8 in cells written before l existed), ``meta`` (first activity) and
 ``sav``/``savgc`` (savings idempotency). A global record is keyed ``<tenant>\\x1f<reservation id>``; in standalone
 mode the tenant record is the source of truth and the global record only carries the amount until settled.
 
@@ -33,6 +36,7 @@ _HELPERS = r"""
 local S = '\31'
 local F13 = '<i8i8i8i8i8i8i8i8i8i8i8i8i8'
 local F8 = '<i8i8i8i8i8i8i8i8'
+local F9 = '<i8i8i8i8i8i8i8i8i8'
 local F3 = '<i8i8i8'
 local function split(s, sep)
   local out, i = {}, 1
@@ -185,13 +189,21 @@ local function charge(s, c, t, hb, db, mb)
   if x[9] >= mb then x[10], x[11] = x[10] + c, x[11] + t else x[9], x[10], x[11] = mb, c, t end
   x[12], x[13] = x[12] + c, x[13] + t
 end
+-- usage cells: 9 int64 counters (c i o k n s h x l); a cell written before late commits were counted has 8
 local function add_usage(keys, ttls, dims, v)
   for k = 1, #keys do
     local cur = redis.call('HGET', keys[k], dims)
     local a
-    if cur then a = {struct.unpack(F8, cur)} else a = {0, 0, 0, 0, 0, 0, 0, 0} end
-    for i = 1, 8 do a[i] = a[i] + v[i] end
-    redis.call('HSET', keys[k], dims, struct.pack(F8, unpack(a, 1, 8)))
+    if not cur then
+      a = {0, 0, 0, 0, 0, 0, 0, 0, 0}
+    elseif #cur == 64 then
+      a = {struct.unpack(F8, cur)}
+      a[9] = 0
+    else
+      a = {struct.unpack(F9, cur)}
+    end
+    for i = 1, 9 do a[i] = a[i] + v[i] end
+    redis.call('HSET', keys[k], dims, struct.pack(F9, unpack(a, 1, 9)))
     if not cur and ttls[k] then redis.call('PEXPIRE', keys[k], ttls[k]) end
   end
 end
@@ -224,6 +236,18 @@ local function settle_global(g, gid, actual, tokens, hb, db, mb, now, keep)
     redis.call('HDEL', g.res, gid)
   end
   return s
+end
+-- extend a held global record's expiry to max(its expiry, expires); 0 when there is none held
+local function renew_global(g, gid, expires)
+  local raw = redis.call('HGET', g.res, gid)
+  if not raw then return 0 end
+  local r = split(raw, S)
+  if r[1] ~= 'a' then return 0 end
+  local e = math.max(tonumber(r[4]), expires)
+  r[4] = i2s(e)
+  redis.call('HSET', g.res, gid, table.concat(r, S))
+  redis.call('ZADD', g.exp, e, gid)
+  return e
 end
 local function release_global(g, gid, keep)
   local raw = redis.call('HGET', g.res, gid)
@@ -281,12 +305,17 @@ def _script(body: str) -> str:
 
 
 # KEYS: mode 0 (standalone): req tst texp tres tgc gst gexp gres ggc; mode 1 (cluster, tenant slot): req tst texp
-#       tres tgc; mode 2 (cluster, global slot): gst gexp gres ggc.
+#       tres tgc; mode 2 (cluster, global slot): gst gexp gres ggc; mode 3 (cluster, tenant slot, after the global
+#       slot refused): as mode 1, but it only answers a replay; anything else is answered rejected, nothing held.
 # ARGV: int64s (now expires est_cost est_tokens tier hb db mb retention mode), res_id request_id tenant team
 #       feature end_user model gc_now.
 # The tenant record is the truth (kept for replays). The global record only carries the amount: deleted when
 # settled in standalone mode, kept (with gc) in cluster mode so the global steps are idempotent.
-# Reply: {status, reservation id, expires, blocks...}; status 1 admitted, 0 rejected, 2 replayed.
+# A request id whose reservation is held or committed replays it; one whose reservation was released or expired
+# is admitted afresh under res_id. A res_id already recorded means this very call ran before (its reply was lost
+# and it is run again): it answers that reservation as a replay, whatever its state, and never admits twice.
+# Reply: {status, reservation id, expires, state, blocks...}; status 1 admitted, 0 rejected, 2 replayed; state
+# a|c (e|r only for a re-run of res_id).
 RESERVE = _script(
     r"""
 local now, expires, ec, et, tier, hb, db, mb, ret, mode = struct.unpack('<i8i8i8i8i8i8i8i8i8i8', ARGV[1])
@@ -300,7 +329,7 @@ if mode ~= 2 then
   t.id, t.keep, t.req, t.sks = rid, true, KEYS[1], tenant_scopes(team, feature, end_user)
   doms[1] = t
 end
-if mode ~= 1 then
+if mode == 0 or mode == 2 then
   local g = domain(KEYS, mode == 0 and 6 or 1, ret)
   g.id, g.keep, g.sks = tenant .. S .. rid, mode == 2, {'g'}
   doms[#doms + 1] = g
@@ -320,16 +349,25 @@ for d = 1, #doms do
     end
   end
 end
-local out = {0, '', 0}
+local out = {0, '', 0, ''}
 if mode ~= 2 then
-  local prev = redis.call('HGET', KEYS[1], reqid)
-  if prev then
-    local raw = redis.call('HGET', doms[1].res, prev)
-    out[1], out[2] = 2, prev
-    if raw then out[3] = tonumber(split(raw, S)[4]) end
-    for i = 1, #all do block(out, all[i], hb, db, mb) end
-    return out
+  local id, raw = rid, redis.call('HGET', doms[1].res, rid)
+  if not raw then
+    id = redis.call('HGET', KEYS[1], reqid)
+    if id then raw = redis.call('HGET', doms[1].res, id) end
   end
+  if raw then
+    local r = split(raw, S)
+    if id == rid or r[1] == 'a' or r[1] == 'c' then
+      out[1], out[2], out[3], out[4] = 2, id, tonumber(r[4]), r[1]
+      for i = 1, #all do block(out, all[i], hb, db, mb) end
+      return out
+    end
+  end
+end
+if mode == 3 then
+  for i = 1, #all do block(out, all[i], hb, db, mb) end
+  return out
 end
 for i = 1, #all do
   if not admits(all[i], ec, et, hb, db, mb) then
@@ -351,13 +389,13 @@ for d = 1, #doms do
     local sks = {}
     for i = 1, #dom.snaps do sks[i] = dom.snaps[i].sk end
     local rec = {'a', i2s(ec), i2s(et), sexp, table.concat(sks, '\30'), reqid, team, feature, end_user, model,
-                 i2s(tier), '0', '0'}
+                 i2s(tier), '0', '0', ''}
     redis.call('HSET', dom.res, dom.id, table.concat(rec, S))
     redis.call('ZADD', dom.exp, expires, dom.id)
   end
 end
 if mode ~= 2 then redis.call('HSET', KEYS[1], reqid, rid) end
-out[1], out[2], out[3] = 1, rid, expires
+out[1], out[2], out[3], out[4] = 1, rid, expires, 'a'
 for i = 1, #all do block(out, all[i], hb, db, mb) end
 return out
 """
@@ -367,7 +405,9 @@ return out
 # KEYS: tst texp tres tgc u:m u:h u:d u:L meta [gst gexp gres ggc]
 # ARGV: int64s (now actual in out cached tier saved hb db mb minute_ttl hour_ttl retention with_global),
 #       res_id tenant model
-# Reply: {status, charged, over, late, tokens, blocks...}; status 1 committed, 2 replayed, -1 not found, -2 released.
+# A held reservation is settled; an expired or released one is charged in full all the same (the work ran) and
+# flagged late. Reply: {status, charged, over, late, tokens, blocks...}; status 1 committed, 2 replayed, -1 not
+# found; late '' or the state the reservation was in when the commit came (e or r; a replay answers the first's).
 COMMIT = _script(
     r"""
 local now, actual, tin, tout, tcached, atier, saved, hb, db, mb, minute_ttl, hour_ttl, ret, with_g =
@@ -390,9 +430,9 @@ for _, sk in ipairs(tenant_scopes(r[7], r[8], r[9])) do
     list[#list + 1] = s
   end
 end
-local out = {1, actual, 0, 0, tokens}
+local out = {1, actual, 0, '', tokens}
 if r[1] == 'c' then
-  out[1], out[2], out[3] = 2, tonumber(r[12]), tonumber(r[13])
+  out[1], out[2], out[3], out[4] = 2, tonumber(r[12]), tonumber(r[13]), r[14] or ''
   for i = 1, #list do block(out, list[i], hb, db, mb) end
   if g then
     local gs = load(g.st, 'g')
@@ -400,8 +440,8 @@ if r[1] == 'c' then
   end
   return out
 end
-if r[1] == 'r' then return {-2} end
-if r[1] == 'e' then out[4] = 1 end
+local late = 0
+if r[1] == 'e' or r[1] == 'r' then out[4], late = r[1], 1 end
 if r[1] == 'a' then
   unreserve(t.st, r, loaded)
   redis.call('ZREM', t.exp, rid)
@@ -419,9 +459,9 @@ if model == '' then model = r[10] end
 if atier == 0 then tier = r[11] end
 add_usage({KEYS[5], KEYS[6], KEYS[7], KEYS[8]}, {minute_ttl, hour_ttl},
   r[7] .. S .. r[8] .. S .. model .. S .. tier .. S .. r[9],
-  {actual, tin, tout, tcached, 1, saved, 0, over})
+  {actual, tin, tout, tcached, 1, saved, 0, over, late})
 redis.call('HSETNX', KEYS[9], 'first', now)
-r[1], r[12], r[13] = 'c', i2s(actual), i2s(over)
+r[1], r[12], r[13], r[14] = 'c', i2s(actual), i2s(over), out[4]
 redis.call('HSET', t.res, rid, table.concat(r, S))
 redis.call('ZADD', t.gc, now + ret, rid)
 if g then
@@ -454,6 +494,44 @@ redis.call('HSET', t.res, rid, table.concat(r, S))
 redis.call('ZADD', t.gc, now + ret, rid)
 if g then release_global(g, tenant .. S .. rid, false) end
 return {1, tonumber(r[2]), 'r'}
+"""
+)
+
+# KEYS: tst texp tres tgc [gst gexp gres ggc]   ARGV: int64s (now expires retention with_global), res_id tenant
+# Extends a held reservation's expiry to max(its expiry, expires), its global hold's too (standalone; cluster mode
+# renews the global hold first, with GLOBAL_RENEW). Reply: {status, expires}; status 1 renewed, -1 not found,
+# -2 settled (committed or released), -3 expired.
+RENEW = _script(
+    r"""
+local now, expires, ret, with_g = struct.unpack('<i8i8i8i8', ARGV[1])
+local rid, tenant = ARGV[2], ARGV[3]
+local t = domain(KEYS, 1, ret)
+local g = nil
+if with_g == 1 then g = domain(KEYS, 5, ret) end
+purge(t, now, true)
+if g then purge(g, now, false) end
+local raw = redis.call('HGET', t.res, rid)
+if not raw then return {-1, 0} end
+local r = split(raw, S)
+if r[1] == 'e' then return {-3, 0} end
+if r[1] ~= 'a' then return {-2, 0} end
+local e = math.max(tonumber(r[4]), expires)
+r[4] = i2s(e)
+redis.call('HSET', t.res, rid, table.concat(r, S))
+redis.call('ZADD', t.exp, e, rid)
+if g then renew_global(g, tenant .. S .. rid, e) end
+return {1, e}
+"""
+)
+
+# Cluster mode, first step of RenewReservation on the global slot (so the global hold never expires before the
+# tenant's). KEYS: gst gexp gres ggc   ARGV: int64s (now expires retention), gid   Reply: the new expiry, 0 if none.
+GLOBAL_RENEW = _script(
+    r"""
+local now, expires, ret = struct.unpack('<i8i8i8', ARGV[1])
+local g = domain(KEYS, 1, ret)
+purge(g, now, true)
+return renew_global(g, ARGV[2], expires)
 """
 )
 
@@ -531,7 +609,7 @@ end
 if redis.call('HSETNX', KEYS[1], ARGV[2], ARGV[6]) == 0 then return 1 end
 redis.call('ZADD', KEYS[2], ARGV[6], ARGV[2])
 add_usage({KEYS[3], KEYS[4], KEYS[5], KEYS[6]}, {tonumber(ARGV[7]), tonumber(ARGV[8])}, ARGV[3],
-  {0, 0, 0, 0, 0, tonumber(ARGV[4]), tonumber(ARGV[5]), 0})
+  {0, 0, 0, 0, 0, tonumber(ARGV[4]), tonumber(ARGV[5]), 0, 0})
 redis.call('HSETNX', KEYS[7], 'first', ARGV[1])
 return 0
 """

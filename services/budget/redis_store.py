@@ -7,11 +7,14 @@ slot and one script settles them atomically on Redis Cluster. The global scope l
 * standalone Redis (``cluster=False``, the default): the global keys are passed to the same script, so global and
   tenant limits are checked and reserved in one atomic step;
 * Redis Cluster (``cluster=True``): a Reserve first reserves on the global slot (one script), then on the tenant
-  slot (one script); if the tenant step does not admit, the global reservation is undone. The global limit is
-  never overspent (money is held globally *before* the tenant admits), at the price of a short over-reservation
-  while a rejected request is being undone. Commit and Release settle the tenant first, then the global slot;
-  both steps are idempotent, so a retried Commit finishes a settlement a crash interrupted. Rationale in
-  services/budget/README.md.
+  slot (one script); if the tenant step answers that it did not admit, the global reservation is undone. The
+  global limit is never overspent (money is held globally *before* the tenant admits), at the price of a short
+  over-reservation while a rejected request is being undone. An unknown tenant outcome (a lost reply: the script
+  may have run) never undoes the global hold: the tenant step is asked again (idempotent, and it recognises its
+  own reservation id), and if it never answers the hold stays until its TTL. Commit and Release settle the tenant
+  first, then the global slot; both steps are idempotent, so a retried Commit finishes a settlement a crash
+  interrupted. RenewReservation extends the global hold first, then the tenant's, so the global hold never
+  expires before the tenant's. Rationale in services/budget/README.md.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
+import structlog
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ClusterDownError, ConnectionError, NoScriptError, RedisClusterException, TimeoutError
@@ -32,6 +36,7 @@ from services.budget.model import (
     SEP,
     Buckets,
     Policy,
+    ReservationState,
     Scope,
     ScopeSnapshot,
     UsageCounters,
@@ -42,7 +47,11 @@ from services.budget.store import (
     CommitCommand,
     CommitOutcome,
     CommitStatus,
+    LateReason,
     ReleaseOutcome,
+    RenewCommand,
+    RenewOutcome,
+    RenewStatus,
     ReserveCommand,
     ReserveOutcome,
     ReserveStatus,
@@ -52,13 +61,24 @@ from services.budget.store import (
 from services.budget.usage import seed_cells, seed_from
 from services.budget.windows import MINUTE_MS
 
+log = structlog.get_logger("costmesh.budget")
+
 T = TypeVar("T")
 G = "{g}"
 GC_EVERY = 64
 _BLOCK = struct.Struct("<13q")
-_USAGE = struct.Struct("<8q")
+_USAGE = struct.Struct("<9q")
+_USAGE_V1 = struct.Struct("<8q")  # cells written before late commits were counted
 _RESERVE_STATUS: dict[int, ReserveStatus] = {1: "admitted", 0: "rejected", 2: "replayed"}
-_COMMIT_STATUS: dict[int, CommitStatus] = {1: "committed", 2: "replayed", -1: "not_found", -2: "released"}
+_COMMIT_STATUS: dict[int, CommitStatus] = {1: "committed", 2: "replayed", -1: "not_found"}
+_RENEW_STATUS: dict[int, RenewStatus] = {1: "renewed", -1: "not_found", -2: "settled", -3: "expired"}
+_STATE = {
+    "a": ReservationState.HELD,
+    "c": ReservationState.COMMITTED,
+    "r": ReservationState.RELEASED,
+    "e": ReservationState.EXPIRED,
+}
+_LATE: dict[str, LateReason] = {"e": "expired", "r": "released"}
 
 
 def tenant_prefix(tenant: str) -> str:
@@ -76,6 +96,12 @@ def _pack(*numbers: int) -> bytes:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _counters(packed: bytes) -> UsageCounters:
+    if len(packed) == _USAGE_V1.size:
+        return UsageCounters(*_USAGE_V1.unpack(packed))
+    return UsageCounters(*_USAGE.unpack(packed))
 
 
 def _snaps(tenant: str, reply: Sequence[Any], start: int) -> list[ScopeSnapshot]:
@@ -112,6 +138,8 @@ class RedisBudgetStore:
         self._reserve = client.register_script(redis_scripts.RESERVE)
         self._commit = client.register_script(redis_scripts.COMMIT)
         self._release = client.register_script(redis_scripts.RELEASE)
+        self._renew = client.register_script(redis_scripts.RENEW)
+        self._global_renew = client.register_script(redis_scripts.GLOBAL_RENEW)
         self._global_settle = client.register_script(redis_scripts.GLOBAL_SETTLE)
         self._global_release = client.register_script(redis_scripts.GLOBAL_RELEASE)
         self._snapshot = client.register_script(redis_scripts.SNAPSHOT)
@@ -223,27 +251,45 @@ class RedisBudgetStore:
         tkeys = [p + ":req", *self._domain_keys(p)]
         if not self._cluster:
             reply = await self._io(self._reserve(keys=[*tkeys, *self._domain_keys(G)], args=args(0)))
-            return ReserveOutcome(
-                _RESERVE_STATUS[reply[0]], _text(reply[1]), int(reply[2]), tuple(_snaps(tenant, reply, 3))
-            )
-        # Cluster: global slot first (holds the money), then the tenant slot; undo the global hold unless admitted.
+            return self._reserve_outcome(cmd, reply, [])
+        # Cluster: global slot first (holds the money), then the tenant slot; undo the global hold only when the
+        # tenant step answered that it did not admit.
         gid = tenant + SEP + cmd.reservation_id
         g_reply = await self._io(self._reserve(keys=self._domain_keys(G), args=args(2)))
-        g_snaps = _snaps("", g_reply, 3)
+        g_snaps = _snaps("", g_reply, 4)
         if g_reply[0] == 0:
-            return ReserveOutcome("rejected", "", 0, tuple(g_snaps))
+            # The global limit refuses new money, but a request id whose reservation is held or committed replays
+            # (no new money): only the tenant slot knows which (mode 3 answers a replay and holds nothing else).
+            reply = await self._io(self._reserve(keys=tkeys, args=args(3)))
+            return self._reserve_outcome(cmd, reply, g_snaps)
         held = bool(g_snaps)
         try:
             reply = await self._io(self._reserve(keys=tkeys, args=args(1)))
-        except BaseException:
-            if held:
-                await self._undo_global(gid, at)
-            raise
-        status = _RESERVE_STATUS[reply[0]]
-        if status != "admitted" and held:
-            await self._undo_global(gid, at)
+        except StoreUnavailable as err:
+            # The reply may be lost after the script ran (it may have admitted): undoing the global hold now could
+            # leave a tenant reservation without it. Ask again — the step is idempotent and answers a re-run of this
+            # call with its own reservation id — and if no answer comes, keep the hold: it expires with its TTL
+            # (money held too long, never too little).
+            log.warning("budget_tenant_step_unanswered", tenant=tenant, request_id=cmd.request_id, error=str(err))
+            reply = await self._io(self._reserve(keys=tkeys, args=args(1)))
+        outcome = self._reserve_outcome(cmd, reply, g_snaps)
+        if outcome.status != "admitted" and held and await self._undo_global(gid, at):
             g_snaps = [self._unhold(s, cmd) for s in g_snaps]
-        return ReserveOutcome(status, _text(reply[1]), int(reply[2]), tuple(_snaps(tenant, reply, 3) + g_snaps))
+            outcome = replace(outcome, scopes=tuple(_snaps(tenant, reply, 4) + g_snaps))
+        return outcome
+
+    @staticmethod
+    def _reserve_outcome(cmd: ReserveCommand, reply: Sequence[Any], extra: list[ScopeSnapshot]) -> ReserveOutcome:
+        status = _RESERVE_STATUS[reply[0]]
+        rid = _text(reply[1])
+        state = _STATE.get(_text(reply[3]), ReservationState.HELD)
+        if status == "replayed" and rid == cmd.reservation_id:
+            # This very call ran before (a lost reply, re-sent): its admission is this call's.
+            if state is not ReservationState.HELD:  # it expired in between: its money (global hold too) is back
+                raise StoreUnavailable("the reservation expired before the store answered")
+            status = "admitted"
+        snaps = _snaps(cmd.attribution.tenant, reply, 4) + extra
+        return ReserveOutcome(status, rid, int(reply[2]), tuple(snaps), state)
 
     @staticmethod
     def _unhold(snap: ScopeSnapshot, cmd: ReserveCommand) -> ScopeSnapshot:
@@ -253,9 +299,16 @@ class RedisBudgetStore:
             reserved_tokens=snap.reserved_tokens - cmd.est_tokens,
         )
 
-    async def _undo_global(self, gid: str, at: Buckets) -> None:
+    async def _undo_global(self, gid: str, at: Buckets) -> bool:
+        """Return a global hold whose tenant step did not admit; False when the store did not answer (the hold
+        then stays until its TTL: a transient over-reservation, never an overspend)."""
         nums = _pack(at.now_ms, 1, self._retention_ms)
-        await self._io(self._global_release(keys=self._domain_keys(G), args=[nums, gid]))
+        try:
+            await self._io(self._global_release(keys=self._domain_keys(G), args=[nums, gid]))
+        except StoreUnavailable as err:
+            log.warning("budget_global_undo_failed", gid=gid, error=str(err))
+            return False
+        return True
 
     def _usage_keys(self, p: str, at: Buckets) -> list[str]:
         return [p + f":u:m:{at.now_ms // MINUTE_MS}", p + f":u:h:{at.hour}", p + f":u:d:{at.day}", p + ":u:L"]
@@ -277,7 +330,7 @@ class RedisBudgetStore:
             keys += self._domain_keys(G)
         reply = await self._io(self._commit(keys=keys, args=[nums, cmd.reservation_id, tenant, cmd.model]))
         status = _COMMIT_STATUS[reply[0]]
-        if status in ("not_found", "released"):
+        if status == "not_found":
             return CommitOutcome(status)
         snaps = _snaps(tenant, reply, 5)
         if self._cluster:
@@ -285,7 +338,7 @@ class RedisBudgetStore:
             gid = tenant + SEP + cmd.reservation_id
             g_reply = await self._io(self._global_settle(keys=self._domain_keys(G), args=[g_nums, gid]))
             snaps += _snaps("", g_reply, 0)
-        return CommitOutcome(status, int(reply[1]), bool(reply[2]), bool(reply[3]), tuple(snaps))
+        return CommitOutcome(status, int(reply[1]), bool(reply[2]), _LATE.get(_text(reply[3]), ""), tuple(snaps))
 
     async def release(self, tenant: str, reservation_id: str, *, at: Buckets) -> ReleaseOutcome:
         keys = self._domain_keys(tenant_prefix(tenant))
@@ -306,6 +359,23 @@ class RedisBudgetStore:
         if reply[0] == 2:
             return ReleaseOutcome("replayed")
         return ReleaseOutcome("released", int(reply[1]))
+
+    async def renew(self, cmd: RenewCommand) -> RenewOutcome:
+        tenant = cmd.tenant
+        keys = self._domain_keys(tenant_prefix(tenant))
+        gkeys = self._domain_keys(G)
+        now, ret = cmd.at.now_ms, self._retention_ms
+        if not self._cluster:
+            nums = _pack(now, cmd.expires_ms, ret, 1)
+            reply = await self._io(self._renew(keys=[*keys, *gkeys], args=[nums, cmd.reservation_id, tenant]))
+        else:
+            # Global first: if the tenant step then fails, the global hold outlives the tenant's (held too long,
+            # never too little). Both steps only ever extend, so a retried renew is harmless.
+            g_nums = _pack(now, cmd.expires_ms, ret)
+            await self._io(self._global_renew(keys=gkeys, args=[g_nums, tenant + SEP + cmd.reservation_id]))
+            nums = _pack(now, cmd.expires_ms, ret, 0)
+            reply = await self._io(self._renew(keys=keys, args=[nums, cmd.reservation_id, tenant]))
+        return RenewOutcome(_RENEW_STATUS[reply[0]], int(reply[1]))
 
     # -- savings and usage ------------------------------------------------------------------------------------
 
@@ -362,7 +432,7 @@ class RedisBudgetStore:
             results = await self._io(pipe.execute())
             for fields in results:
                 for dims, packed in fields.items():
-                    counters = UsageCounters(*_USAGE.unpack(packed))
+                    counters = _counters(packed)
                     out.append(UsageRecord(tenant, UsageDims.decode(dims.decode()), counters))
         return out
 

@@ -24,7 +24,7 @@ from services.budget.model import PPM, Policy, Scope
 from services.budget.policy import Headroom
 from services.budget.usage import UsageRow
 from services.common.attribution import Attribution, from_metadata
-from services.common.errors import ResourceExhausted
+from services.common.errors import FailedPrecondition, NotFound, ResourceExhausted
 from services.common.pricing import TokenUsage
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -130,6 +130,7 @@ def _row_to_proto(row: UsageRow) -> budget_pb2.UsageRow:
         saved_micros=c.saved_micros,
         cache_hits=c.cache_hits,
         over_estimate_commits=c.over_estimate,
+        late_commits=c.late_commits,
     )
 
 
@@ -163,6 +164,7 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
             soft_limit_exceeded=r.soft_limit_exceeded,
             replayed=r.replayed,
             max_tokens_cap=r.max_tokens_cap,
+            state=budget_pb2.ReservationState.ValueType(r.state),
         )
         if r.remaining_micros is not None:
             msg.remaining_micros = r.remaining_micros
@@ -181,7 +183,7 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
         r = await self._ledger.commit(inp)
         self._metrics.committed(inp, r)
         msg = budget_pb2.CommitResponse(
-            charged_micros=r.charged_micros, over_estimate=r.over_estimate, replayed=r.replayed
+            charged_micros=r.charged_micros, over_estimate=r.over_estimate, replayed=r.replayed, late=bool(r.late)
         )
         if r.remaining_micros is not None:
             msg.remaining_micros = r.remaining_micros
@@ -192,6 +194,22 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
         r = await self._ledger.release(tenant, request.reservation_id)
         self._metrics.released(tenant, request.reservation_id)
         return budget_pb2.ReleaseResponse(released_micros=r.released_micros, replayed=r.replayed)
+
+    async def RenewReservation(
+        self, request: budget_pb2.RenewReservationRequest, context: Context
+    ) -> budget_pb2.RenewReservationResponse:
+        tenant = _tenant(request.tenant, context)
+        try:
+            r = await self._ledger.renew(tenant, request.reservation_id, request.ttl_seconds)
+        except NotFound:
+            self._metrics.renewed(tenant, request.reservation_id, "not_found")
+            raise
+        except FailedPrecondition as err:
+            outcome = "expired" if err.reason == "RESERVATION_EXPIRED" else "settled"
+            self._metrics.renewed(tenant, request.reservation_id, outcome)
+            raise
+        self._metrics.renewed(tenant, request.reservation_id, "renewed")
+        return budget_pb2.RenewReservationResponse(expires_unix_ms=r.expires_unix_ms)
 
     async def RecordSavings(
         self, request: budget_pb2.RecordSavingsRequest, context: Context

@@ -24,6 +24,7 @@ from services.budget.model import (
     SEP,
     Buckets,
     Policy,
+    ReservationState,
     Scope,
     ScopeSnapshot,
     UsageCounters,
@@ -35,7 +36,10 @@ from services.budget.policy import RATE_WINDOW_S, violations
 from services.budget.store import (
     CommitCommand,
     CommitOutcome,
+    LateReason,
     ReleaseOutcome,
+    RenewCommand,
+    RenewOutcome,
     ReserveCommand,
     ReserveOutcome,
     SavingsCommand,
@@ -69,11 +73,14 @@ CREATE TABLE IF NOT EXISTS reservation (
     cost INTEGER NOT NULL, tokens INTEGER NOT NULL, expires_ms INTEGER NOT NULL, scopes TEXT NOT NULL,
     team TEXT NOT NULL, feature TEXT NOT NULL, end_user TEXT NOT NULL, model TEXT NOT NULL, tier INTEGER NOT NULL,
     actual INTEGER NOT NULL DEFAULT 0, over_est INTEGER NOT NULL DEFAULT 0, gc_ms INTEGER NOT NULL,
+    late TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (tenant, id)
 );
-CREATE UNIQUE INDEX IF NOT EXISTS reservation_request ON reservation (tenant, request_id);
 CREATE INDEX IF NOT EXISTS reservation_active ON reservation (expires_ms) WHERE state = 'a';
 CREATE INDEX IF NOT EXISTS reservation_gc ON reservation (gc_ms);
+CREATE TABLE IF NOT EXISTS request (
+    tenant TEXT NOT NULL, request_id TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (tenant, request_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS savings_key (
     tenant TEXT NOT NULL, request_id TEXT NOT NULL, gc_ms INTEGER NOT NULL, PRIMARY KEY (tenant, request_id)
 ) WITHOUT ROWID;
@@ -82,7 +89,7 @@ CREATE TABLE IF NOT EXISTS usage (
     team TEXT NOT NULL, feature TEXT NOT NULL, model TEXT NOT NULL, tier INTEGER NOT NULL, end_user TEXT NOT NULL,
     c INTEGER NOT NULL DEFAULT 0, i INTEGER NOT NULL DEFAULT 0, o INTEGER NOT NULL DEFAULT 0,
     k INTEGER NOT NULL DEFAULT 0, n INTEGER NOT NULL DEFAULT 0, s INTEGER NOT NULL DEFAULT 0,
-    h INTEGER NOT NULL DEFAULT 0, x INTEGER NOT NULL DEFAULT 0,
+    h INTEGER NOT NULL DEFAULT 0, x INTEGER NOT NULL DEFAULT 0, l INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (tenant, level, bucket, team, feature, model, tier, end_user)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tenant_meta (tenant TEXT PRIMARY KEY, first_ms INTEGER NOT NULL) WITHOUT ROWID;
@@ -108,6 +115,11 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, {", ".join("?" for _ in COUNTER_CODES)})
 ON CONFLICT (tenant, level, bucket, team, feature, model, tier, end_user) DO UPDATE SET
     {", ".join(f"{code} = {code} + excluded.{code}" for code, _ in COUNTER_CODES)}
 """
+#: Reservation states: a(ctive, i.e. held), c(ommitted), r(eleased), e(xpired). ``late`` of a committed one: ""
+#: or the state it was in when the commit came (e or r). ``request`` maps a request id to its current
+#: reservation (a request id whose reservation was released or expired is admitted afresh under a new id).
+_REPLAYED_STATES = {"a": ReservationState.HELD, "c": ReservationState.COMMITTED}
+_LATE: dict[str, LateReason] = {"e": "expired", "r": "released"}
 _GC_EVERY_MS = 60_000
 #: Primary result codes meaning "cannot serve now": BUSY, LOCKED, IOERR, FULL, CANTOPEN.
 _UNAVAILABLE_CODES = frozenset({5, 6, 10, 13, 14})
@@ -156,6 +168,22 @@ class SqliteBudgetStore:
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS); several processes may race here safely
         self._conn = conn
+        self._tx(self._migrate)
+
+    @staticmethod
+    def _migrate(c: sqlite3.Connection) -> None:
+        """Bring a file written by an earlier version up to this schema (inside BEGIN IMMEDIATE, so several
+        processes opening one old file migrate it once)."""
+        if "late" not in {row[1] for row in c.execute("PRAGMA table_info(reservation)")}:
+            c.execute("ALTER TABLE reservation ADD COLUMN late TEXT NOT NULL DEFAULT ''")
+        if "l" not in {row[1] for row in c.execute("PRAGMA table_info(usage)")}:
+            c.execute("ALTER TABLE usage ADD COLUMN l INTEGER NOT NULL DEFAULT 0")
+        # Request ids were unique per reservation; now the request table names each one's current reservation.
+        if c.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'reservation_request'").fetchone():
+            c.execute(
+                "INSERT OR IGNORE INTO request (tenant, request_id, id) SELECT tenant, request_id, id FROM reservation"
+            )
+            c.execute("DROP INDEX reservation_request")
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -208,6 +236,10 @@ class SqliteBudgetStore:
             c.execute("UPDATE reservation SET state = 'e' WHERE tenant = ? AND id = ?", (tenant, rid))
         if now_ms >= self._next_gc_ms:
             self._next_gc_ms = now_ms + _GC_EVERY_MS
+            c.execute(
+                "DELETE FROM request WHERE (tenant, id) IN (SELECT tenant, id FROM reservation WHERE gc_ms <= ?)",
+                (now_ms,),
+            )
             c.execute("DELETE FROM reservation WHERE gc_ms <= ?", (now_ms,))
             c.execute("DELETE FROM savings_key WHERE gc_ms <= ?", (now_ms,))
             c.execute("DELETE FROM rate WHERE sec <= ?", (now_ms // 1000 - RATE_WINDOW_S,))
@@ -356,10 +388,13 @@ class SqliteBudgetStore:
         policies = self._policies(c, applicable_scopes(cmd.attribution))
         snaps = [self._snap(c, p, at) for p in policies]
         existing = c.execute(
-            "SELECT id, expires_ms FROM reservation WHERE tenant = ? AND request_id = ?", (tenant, cmd.request_id)
+            "SELECT r.id, r.expires_ms, r.state FROM request q "
+            "JOIN reservation r ON r.tenant = q.tenant AND r.id = q.id WHERE q.tenant = ? AND q.request_id = ?",
+            (tenant, cmd.request_id),
         ).fetchone()
-        if existing is not None:
-            return ReserveOutcome("replayed", existing[0], existing[1], tuple(snaps))
+        if existing is not None and existing[2] in _REPLAYED_STATES:
+            return ReserveOutcome("replayed", existing[0], existing[1], tuple(snaps), _REPLAYED_STATES[existing[2]])
+        # New, or its reservation was released or expired (nothing is held for it): evaluated afresh.
         for s in snaps:
             if violations(s, est_cost=cmd.est_cost, est_tokens=cmd.est_tokens, now_ms=at.now_ms):
                 return ReserveOutcome("rejected", "", 0, tuple(snaps))
@@ -410,6 +445,11 @@ class SqliteBudgetStore:
                 cmd.expires_ms + cmd.retention_ms,
             ),
         )
+        c.execute(
+            "INSERT INTO request (tenant, request_id, id) VALUES (?, ?, ?) "
+            "ON CONFLICT (tenant, request_id) DO UPDATE SET id = excluded.id",
+            (tenant, cmd.request_id, cmd.reservation_id),
+        )
         return ReserveOutcome("admitted", cmd.reservation_id, cmd.expires_ms, tuple(after))
 
     async def commit(self, cmd: CommitCommand) -> CommitOutcome:
@@ -419,21 +459,20 @@ class SqliteBudgetStore:
         at = cmd.at
         self._purge(c, at.now_ms)
         row = c.execute(
-            "SELECT state, cost, tokens, scopes, team, feature, end_user, model, tier, actual, over_est "
+            "SELECT state, cost, tokens, scopes, team, feature, end_user, model, tier, actual, over_est, late "
             "FROM reservation WHERE tenant = ? AND id = ?",
             (cmd.tenant, cmd.reservation_id),
         ).fetchone()
         if row is None:
             return CommitOutcome("not_found")
-        state, cost, tokens, scopes, team, feature, end_user, model, tier, actual, over = row
+        state, cost, tokens, scopes, team, feature, end_user, model, tier, actual, over, was_late = row
         attribution = Attribution(cmd.tenant, team, feature, end_user)
         policies = self._policies(c, applicable_scopes(attribution))
         if state == "c":
             snaps = tuple(self._snap(c, p, at) for p in policies)
-            return CommitOutcome("replayed", actual, bool(over), False, snaps)
-        if state == "r":
-            return CommitOutcome("released")
-        late = state == "e"
+            return CommitOutcome("replayed", actual, bool(over), _LATE.get(was_late, ""), snaps)
+        # Expired or released: nothing is held any more, but the work ran, so the spend is charged in full (late).
+        late = _LATE.get(state, "")
         if state == "a":
             self._unreserve(c, scopes, cost, tokens)
         over_estimate = cmd.actual_cost > cost
@@ -448,11 +487,20 @@ class SqliteBudgetStore:
             requests=1,
             saved_micros=cmd.saved_micros,
             over_estimate=int(over_estimate),
+            late_commits=int(bool(late)),
         )
         self._add_usage(c, cmd.tenant, dims, counters, at)
         c.execute(
-            "UPDATE reservation SET state = 'c', actual = ?, over_est = ? WHERE tenant = ? AND id = ?",
-            (cmd.actual_cost, int(over_estimate), cmd.tenant, cmd.reservation_id),
+            "UPDATE reservation SET state = 'c', actual = ?, over_est = ?, late = ?, gc_ms = MAX(gc_ms, ?) "
+            "WHERE tenant = ? AND id = ?",
+            (
+                cmd.actual_cost,
+                int(over_estimate),
+                state if late else "",
+                at.now_ms + cmd.retention_ms,
+                cmd.tenant,
+                cmd.reservation_id,
+            ),
         )
         snaps = tuple(self._snap(c, p, at) for p in policies)
         return CommitOutcome("committed", cmd.actual_cost, over_estimate, late, snaps)
@@ -474,6 +522,29 @@ class SqliteBudgetStore:
             return ReleaseOutcome("released", cost)
 
         return await self._call(self._tx, _release)
+
+    async def renew(self, cmd: RenewCommand) -> RenewOutcome:
+        def _renew(c: sqlite3.Connection) -> RenewOutcome:
+            self._purge(c, cmd.at.now_ms)
+            row = c.execute(
+                "SELECT state, expires_ms FROM reservation WHERE tenant = ? AND id = ?",
+                (cmd.tenant, cmd.reservation_id),
+            ).fetchone()
+            if row is None:
+                return RenewOutcome("not_found")
+            state, expires_ms = row
+            if state == "e":
+                return RenewOutcome("expired")
+            if state != "a":
+                return RenewOutcome("settled")
+            expires_ms = max(expires_ms, cmd.expires_ms)
+            c.execute(
+                "UPDATE reservation SET expires_ms = ?, gc_ms = ? WHERE tenant = ? AND id = ?",
+                (expires_ms, expires_ms + cmd.retention_ms, cmd.tenant, cmd.reservation_id),
+            )
+            return RenewOutcome("renewed", expires_ms)
+
+        return await self._call(self._tx, _renew)
 
     # -- savings and usage ------------------------------------------------------------------------------------
 

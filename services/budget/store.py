@@ -14,7 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from services.budget.model import Buckets, Policy, Scope, ScopeSnapshot, UsageDims, UsageRecord
+from services.budget.model import (
+    Buckets,
+    Policy,
+    ReservationState,
+    Scope,
+    ScopeSnapshot,
+    UsageDims,
+    UsageRecord,
+)
 from services.common.attribution import Attribution
 from services.common.pricing import TokenUsage
 
@@ -44,12 +52,17 @@ ReserveStatus = Literal["admitted", "rejected", "replayed"]
 
 @dataclass(frozen=True, slots=True)
 class ReserveOutcome:
+    """A request id whose reservation is held or committed replays it; one whose reservation was released or
+    expired is admitted afresh under ``ReserveCommand.reservation_id`` (or rejected, if the limits now refuse)."""
+
     status: ReserveStatus
     reservation_id: str
     expires_ms: int
     scopes: tuple[ScopeSnapshot, ...]
     """Every applicable scope with a policy: after the reservation (admitted), as seen when rejecting (rejected),
     or now (replayed)."""
+    state: ReservationState = ReservationState.HELD
+    """HELD, or COMMITTED when it replays a reservation settled with a commit (meaningless when rejected)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +75,12 @@ class CommitCommand:
     tier: int
     saved_micros: int
     at: Buckets
+    retention_ms: int
+    """How long the settled record stays for replays (from the commit on)."""
 
 
-CommitStatus = Literal["committed", "replayed", "not_found", "released"]
+CommitStatus = Literal["committed", "replayed", "not_found"]
+LateReason = Literal["", "expired", "released"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +88,10 @@ class CommitOutcome:
     status: CommitStatus
     charged_micros: int = 0
     over_estimate: bool = False
-    late: bool = False
-    """The reservation had expired (its money was already returned) before this commit charged the spend."""
+    late: LateReason = ""
+    """Why the commit was late: the reservation had ``expired`` or been ``released`` (its money was already
+    returned) before this commit charged the spend in full; "" when it was held. A replay answers the first
+    commit's value."""
     scopes: tuple[ScopeSnapshot, ...] = ()
 
 
@@ -84,6 +102,27 @@ ReleaseStatus = Literal["released", "replayed", "not_found"]
 class ReleaseOutcome:
     status: ReleaseStatus
     released_micros: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RenewCommand:
+    tenant: str
+    reservation_id: str
+    expires_ms: int
+    """The wanted expiry (now + TTL); a reservation that already expires later keeps its expiry."""
+    at: Buckets
+    retention_ms: int
+
+
+RenewStatus = Literal["renewed", "not_found", "settled", "expired"]
+
+
+@dataclass(frozen=True, slots=True)
+class RenewOutcome:
+    status: RenewStatus
+    """``settled``: committed or released; ``expired``: its TTL passed first (its money already went back)."""
+    expires_ms: int = 0
+    """When a renewed reservation now expires."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,10 +159,16 @@ class BudgetStore(Protocol):
 
     async def release(self, tenant: str, reservation_id: str, *, at: Buckets) -> ReleaseOutcome: ...
 
+    async def renew(self, cmd: RenewCommand) -> RenewOutcome:
+        """Extend a held reservation's expiry to max(its expiry, ``cmd.expires_ms``), on every scope it holds, in one
+        atomic step; a settled, expired or unknown (or another tenant's) reservation is left as it is."""
+        ...
+
     async def record_savings(self, cmds: Sequence[SavingsCommand]) -> list[bool]:
         """Add savings to the usage rollups: one transaction (SQLite) or one pipelined round trip (Redis) for all of
-        ``cmds``. Replaying is per command: True, in order, where its (tenant, ``request_id``) was already recorded
-        (that command changes nothing; the others still count)."""
+        ``cmds``. Replaying is per command: True, in order, where its (tenant, ``request_id``) was already recorded,
+        by an earlier call or an earlier command of ``cmds`` (that command changes nothing; the others still
+        count)."""
         ...
 
     async def usage(self, tenant: str, cells: Sequence[tuple[str, int]]) -> list[UsageRecord]:

@@ -32,7 +32,9 @@ BUDGET_REMAINING_MICROS = "costmesh.budget.remaining_micros"  # int: smallest re
 BUDGET_RESERVATION_ID = "costmesh.budget.reservation_id"
 CACHE_OUTCOME = "costmesh.cache.outcome"  # "hit" | "miss" | "uncacheable" | "wait_timeout" | "unavailable"
 BUDGET_ESTIMATED_MICROS = "costmesh.budget.estimated_micros"  # int: what Reserve held for the request
-BUDGET_OUTCOME = "costmesh.budget.outcome"  # "reserved" | "replayed" | "rejected" | "committed" | "released"
+#: "reserved" | "replayed" | "rejected" (Reserve), "committed" | "committed_late" | "replayed" (Commit),
+#: "released" (Release), "renewed" | "settled" | "expired" | "not_found" (RenewReservation)
+BUDGET_OUTCOME = "costmesh.budget.outcome"
 BUDGET_SOFT_EXCEEDED = "costmesh.budget.soft_limit_exceeded"  # bool: a soft threshold was crossed
 QUEUE_CLASS = "costmesh.queue_class"  # "interactive" | "async"
 JOB_ID = "costmesh.job.id"  # durable async job

@@ -118,6 +118,7 @@ async def test_reserve_commit_release_over_the_wire(target: str) -> None:
             )
         )
         assert r.reservation_id and not r.replayed and r.max_tokens_cap == 1024
+        assert r.state == budget_pb2.RESERVATION_STATE_HELD
         assert r.HasField("remaining_micros") and r.remaining_micros == 4_000
         (h,) = r.headroom
         assert (h.scope.kind, h.window, h.limit_micros, h.reserved_micros) == (
@@ -131,6 +132,7 @@ async def test_reserve_commit_release_over_the_wire(target: str) -> None:
             budget_pb2.ReserveRequest(request_id="req-1", attribution=attribution(), estimated_cost_micros=6_000)
         )
         assert again.replayed and again.reservation_id == r.reservation_id
+        assert again.state == budget_pb2.RESERVATION_STATE_HELD
         c = await stub.Commit(
             budget_pb2.CommitRequest(
                 reservation_id=r.reservation_id,
@@ -143,6 +145,11 @@ async def test_reserve_commit_release_over_the_wire(target: str) -> None:
             )
         )
         assert (c.charged_micros, c.over_estimate, c.replayed, c.remaining_micros) == (7_000, True, False, 3_000)
+        assert not c.late
+        settled = await stub.Reserve(
+            budget_pb2.ReserveRequest(request_id="req-1", attribution=attribution(), estimated_cost_micros=6_000)
+        )
+        assert settled.replayed and settled.state == budget_pb2.RESERVATION_STATE_COMMITTED
         # The tenant may come from metadata (the mesh carries attribution on every hop).
         md = (("x-costmesh-tenant", "acme"),)
         r2 = await stub.Reserve(budget_pb2.ReserveRequest(request_id="req-2", estimated_cost_micros=1_000), metadata=md)
@@ -288,12 +295,11 @@ async def test_a_bad_savings_batch_is_invalid_argument_and_records_nothing(targe
     cases = [
         (batch(), {"records"}),
         (batch(*(saving(f"h{i}") for i in range(1_001))), {"records"}),
-        (batch(saving("a"), saving("a")), {"records[1].request_id"}),
         (batch(saving("a"), saving("b", tenant="globex")), {"records[1].attribution.tenant"}),
         (batch(saving("a", -1), saving("b")), {"records[0].saved_micros"}),
         (
             batch(saving("a", -1), saving("a", tenant="globex")),
-            {"records[0].saved_micros", "records[1].request_id", "records[1].attribution.tenant"},
+            {"records[0].saved_micros", "records[1].attribution.tenant"},
         ),
         (budget_pb2.RecordSavingsBatchRequest(records=[saving("a")]), {"tenant", "records[0].attribution.tenant"}),
     ]
@@ -313,6 +319,60 @@ async def test_a_bad_savings_batch_is_invalid_argument_and_records_nothing(targe
         good = await stub.RecordSavingsBatch(batch(saving("a"), saving("b")))
         assert list(good.replayed) == [False, False]
         assert await savings_total(stub) == (200, 2)
+        # A request id repeated within a batch is no error: it counts once, its later records replay.
+        repeated = await stub.RecordSavingsBatch(batch(saving("c"), saving("c", 999), saving("a")))
+        assert list(repeated.replayed) == [False, True, True]
+        assert await savings_total(stub) == (300, 3)
+
+
+async def test_renew_and_late_commits_over_the_wire(target: str) -> None:
+    md = (("x-costmesh-tenant", "acme"),)
+    async with client(target) as stub:
+        await set_limit(stub, TENANT, budget_pb2.WINDOW_DAY, 10_000)
+        r = await stub.Reserve(
+            budget_pb2.ReserveRequest(
+                request_id="long", attribution=attribution(), estimated_cost_micros=4_000, ttl_seconds=60
+            )
+        )
+        renewed = await stub.RenewReservation(
+            budget_pb2.RenewReservationRequest(reservation_id=r.reservation_id, tenant="acme", ttl_seconds=600)
+        )
+        assert renewed.expires_unix_ms >= r.expires_unix_ms + 500_000
+        # The tenant may come from metadata; ttl 0 is the default (300 s), which never shortens it.
+        again = await stub.RenewReservation(
+            budget_pb2.RenewReservationRequest(reservation_id=r.reservation_id), metadata=md
+        )
+        assert again.expires_unix_ms == renewed.expires_unix_ms
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.RenewReservation(
+                budget_pb2.RenewReservationRequest(reservation_id=r.reservation_id, tenant="globex")
+            )
+        assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+        assert details(exc.value)["ErrorInfo"].reason == "RESERVATION_NOT_FOUND"
+        # Released: renewing it is FAILED_PRECONDITION; committing it is late, charged in full and counted.
+        await stub.Release(budget_pb2.ReleaseRequest(reservation_id=r.reservation_id, tenant="acme"))
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.RenewReservation(
+                budget_pb2.RenewReservationRequest(reservation_id=r.reservation_id, tenant="acme")
+            )
+        assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        info = details(exc.value)["ErrorInfo"]
+        assert (info.domain, info.reason) == ("costmesh.budget", "RESERVATION_SETTLED")
+        # The request id of a released reservation is admitted afresh.
+        fresh = await stub.Reserve(
+            budget_pb2.ReserveRequest(request_id="long", attribution=attribution(), estimated_cost_micros=4_000)
+        )
+        assert not fresh.replayed and fresh.reservation_id != r.reservation_id
+        assert fresh.state == budget_pb2.RESERVATION_STATE_HELD
+        commit = budget_pb2.CommitRequest(reservation_id=r.reservation_id, tenant="acme", actual_cost_micros=3_000)
+        late = await stub.Commit(commit)
+        assert (late.charged_micros, late.late, late.replayed) == (3_000, True, False)
+        replay = await stub.Commit(commit)
+        assert (replay.charged_micros, replay.late, replay.replayed) == (3_000, True, True)
+        usage = await stub.GetUsage(budget_pb2.GetUsageRequest(tenant="acme"))
+        assert (usage.total.cost_micros, usage.total.late_commits, usage.total.requests) == (3_000, 1, 1)
+        view = await stub.GetBudget(budget_pb2.GetBudgetRequest(scope=TENANT))
+        assert (view.headroom[0].spent_micros, view.headroom[0].reserved_micros) == (3_000, 4_000)
 
 
 @pytest.mark.redis
@@ -491,6 +551,7 @@ async def test_budget_cli_set_show_usage(tmp_path: Path) -> None:
         assert used.exit_code == 0, used.output
         row = next(line for line in used.output.splitlines() if line.startswith("search"))
         assert "cheap" in row and "1.250000" in row
+        assert used.output.splitlines()[0].split()[-1] == "late" and row.split()[-1] == "0"
         assert "TOTAL" in used.output
         bad = await asyncio.to_thread(
             runner.invoke, budget_cli, ["set", "tenant:acme", "--day-usd", "0.0000001", "--target", t]

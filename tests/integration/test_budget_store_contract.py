@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import random
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,7 +31,7 @@ from services.budget.ledger import (
     ScopeInput,
     UsageQuery,
 )
-from services.budget.model import ScopeKind, UsageDims, Window
+from services.budget.model import ReservationState, ScopeKind, UsageDims, Window
 from services.budget.redis_store import RedisBudgetStore
 from services.budget.sqlite_store import SqliteBudgetStore
 from services.budget.store import BudgetStore, SavingsCommand
@@ -45,7 +40,7 @@ from services.budget.windows import buckets
 from services.common.attribution import Attribution
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.common.pricing import TokenUsage
-from tests.support.redis_server import RedisServer
+from tests.support.redis_cluster import RedisClusterServers, cluster_fixture
 
 
 def ms(text: str) -> int:
@@ -83,114 +78,9 @@ FEATURE = ScopeInput(int(ScopeKind.FEATURE), "acme", "summaries")
 GLOBAL = ScopeInput(int(ScopeKind.GLOBAL))
 
 
-class RedisClusterServers:
-    """Three redis-server processes with cluster mode on, joined into one cluster (16384 slots over 3 masters)."""
-
-    def __init__(self) -> None:
-        self.nodes = [RedisServer(port=cluster_port()) for _ in range(3)]
-
-    def start(self) -> None:
-        for node in self.nodes:
-            start_with_args(node, ["--cluster-enabled", "yes", "--cluster-config-file", str(node.dir / "nodes.conf")])
-        subprocess.run(
-            [
-                shutil.which("redis-cli") or "redis-cli",
-                "--cluster",
-                "create",
-                *[f"127.0.0.1:{n.port}" for n in self.nodes],
-                "--cluster-replicas",
-                "0",
-                "--cluster-yes",
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=30,
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            out = subprocess.run(
-                [shutil.which("redis-cli") or "redis-cli", "-p", str(self.nodes[0].port), "cluster", "info"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-                check=False,
-            ).stdout
-            if "cluster_state:ok" in out:
-                return
-            time.sleep(0.1)
-        raise RuntimeError("redis cluster did not reach cluster_state:ok")
-
-    def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
-
-    @property
-    def url(self) -> str:
-        return self.nodes[0].url
-
-
-def cluster_port() -> int:
-    """A free port whose cluster-bus twin (port + 10000) is free and valid too."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20_000, 55_000)
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 10_000))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair for a redis cluster node")
-
-
-def start_with_args(node: RedisServer, extra: list[str]) -> None:
-    """RedisServer.start with extra server arguments (cluster mode)."""
-    binary = shutil.which("redis-server")
-    assert binary is not None
-    node.proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(node.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(node.dir),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-            *extra,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", node.port), timeout=0.2) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"redis-server did not start on port {node.port}")
-
-
 @pytest.fixture(scope="module")
 def redis_cluster() -> Iterator[RedisClusterServers]:
-    if shutil.which("redis-cli") is None:
-        pytest.skip("redis-cli is needed to create a cluster")
-    cluster = RedisClusterServers()
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from cluster_fixture()
 
 
 @pytest.fixture(
@@ -334,17 +224,55 @@ async def test_reserve_is_idempotent_on_request_id(env: Env) -> None:
     first = await env.ledger.reserve(reserve_input("req-1", 3_000))
     again = await env.ledger.reserve(reserve_input("req-1", 3_000))
     assert not first.replayed and again.replayed
+    assert first.state is again.state is ReservationState.HELD
     assert again.reservation_id == first.reservation_id
     assert again.expires_unix_ms == first.expires_unix_ms
     assert await reserved_and_spent(env, TENANT, Window.DAY) == (3_000, 0)
     # The same request id of another tenant is another request.
     other = await env.ledger.reserve(reserve_input("req-1", 3_000, a=Attribution("globex")))
     assert other.reservation_id != first.reservation_id and not other.replayed
-    # A replay after settlement still answers with the original reservation and moves no money.
+    # A replay after a commit still answers with the original reservation (COMMITTED) and moves no money.
     await env.ledger.commit(CommitInput("acme", first.reservation_id, 2_000))
     replay = await env.ledger.reserve(reserve_input("req-1", 3_000))
     assert replay.replayed and replay.reservation_id == first.reservation_id
+    assert replay.state is ReservationState.COMMITTED
     assert await reserved_and_spent(env, TENANT, Window.DAY) == (0, 2_000)
+
+
+async def test_a_released_or_expired_request_id_is_admitted_afresh(env: Env) -> None:
+    await set_policy(env, GLOBAL, (Window.DAY, 100_000, None))
+    await set_policy(env, TENANT, (Window.DAY, 10_000, None))
+    first = await env.ledger.reserve(reserve_input("req-1", 4_000))
+    await env.ledger.release("acme", first.reservation_id)
+    # Nothing is held for req-1 any more: a retry is a new admission under a new reservation id.
+    second = await env.ledger.reserve(reserve_input("req-1", 4_000, ttl=30))
+    assert not second.replayed and second.state is ReservationState.HELD
+    assert second.reservation_id != first.reservation_id
+    assert await reserved_and_spent(env, TENANT, Window.DAY) == (4_000, 0)
+    assert await reserved_and_spent(env, GLOBAL, Window.DAY) == (4_000, 0)
+    again = await env.ledger.reserve(reserve_input("req-1", 4_000))  # now it replays the new one
+    assert again.replayed and again.reservation_id == second.reservation_id
+    env.clock.advance(30_000)  # the second expires
+    third = await env.ledger.reserve(reserve_input("req-1", 4_000))
+    assert not third.replayed and third.reservation_id not in (first.reservation_id, second.reservation_id)
+    assert await reserved_and_spent(env, TENANT, Window.DAY) == (4_000, 0)
+    assert await reserved_and_spent(env, GLOBAL, Window.DAY) == (4_000, 0)
+    # Each reservation keeps its own record: the released first one still commits (late), the third one too.
+    assert (await env.ledger.commit(CommitInput("acme", first.reservation_id, 1_000))).late == "released"
+    assert not (await env.ledger.commit(CommitInput("acme", third.reservation_id, 3_000))).late
+    assert await reserved_and_spent(env, TENANT, Window.DAY) == (0, 4_000)
+    assert (await env.ledger.reserve(reserve_input("req-1", 4_000))).state is ReservationState.COMMITTED
+    # Evaluated afresh means the limits decide again: a request id whose reservation expired is refused when the
+    # money is no longer there, and the refusal leaves no trace.
+    other = await env.ledger.reserve(reserve_input("req-2", 5_000, ttl=10))
+    env.clock.advance(10_000)
+    await env.ledger.reserve(reserve_input("filler", 3_000))
+    with pytest.raises(ResourceExhausted):
+        await env.ledger.reserve(reserve_input("req-2", 5_000))
+    assert await reserved_and_spent(env, TENANT, Window.DAY) == (3_000, 4_000)
+    assert await reserved_and_spent(env, GLOBAL, Window.DAY) == (3_000, 4_000)
+    late = await env.ledger.commit(CommitInput("acme", other.reservation_id, 100))
+    assert late.late == "expired"
 
 
 async def test_soft_threshold_headroom_and_max_tokens_cap(env: Env) -> None:
@@ -420,9 +348,7 @@ async def test_release_returns_money_and_is_idempotent(env: Env) -> None:
     assert (again.released_micros, again.replayed) == (0, True)
     assert await reserved_and_spent(env, TENANT, Window.DAY) == (0, 0)
     await env.ledger.reserve(reserve_input("now-fits", 5_000))
-    # A released reservation cannot be committed; a committed one releases as a no-op.
-    with pytest.raises(FailedPrecondition):
-        await env.ledger.commit(CommitInput("acme", r.reservation_id, 1))
+    # A committed reservation releases as a no-op (a released one still commits: late, below).
     c = await env.ledger.reserve(reserve_input("c", 0))
     await env.ledger.commit(CommitInput("acme", c.reservation_id, 0))
     assert (await env.ledger.release("acme", c.reservation_id)).replayed
@@ -445,8 +371,98 @@ async def test_expired_reservations_return_money_without_a_sweeper(env: Env) -> 
     # Releasing an expired reservation is a no-op; a late commit still records the money that was spent.
     assert (await env.ledger.release("acme", held.reservation_id)).replayed
     late = await env.ledger.commit(CommitInput("acme", held.reservation_id, 700))
-    assert late.charged_micros == 700 and not late.replayed
+    assert late.charged_micros == 700 and not late.replayed and late.late == "expired"
     assert await reserved_and_spent(env, TENANT, Window.DAY) == (0, 700)
+
+
+async def test_late_commits_are_charged_in_full_flagged_and_counted(env: Env) -> None:
+    """The work of an expired or released reservation ran: its commit is recorded in full even past a limit
+    (nothing was held for it), flagged late, and counted; replays answer the same."""
+    await set_policy(env, GLOBAL, (Window.DAY, 10_000, None))
+    await set_policy(env, TENANT, (Window.DAY, 5_000, None))
+    expired = await env.ledger.reserve(reserve_input("slow", 3_000, ttl=10))
+    env.clock.advance(10_000)
+    released = await env.ledger.reserve(reserve_input("cancelled", 2_000))
+    await env.ledger.release("acme", released.reservation_id)
+    # The money of both is back; another request takes the whole tenant limit.
+    full = await env.ledger.reserve(reserve_input("full", 5_000))
+    assert await reserved_and_spent(env, TENANT, Window.DAY) == (5_000, 0)
+    a = await env.ledger.commit(CommitInput("acme", expired.reservation_id, 3_500, TokenUsage(10, 20, 0)))
+    assert (a.charged_micros, a.over_estimate, a.replayed, a.late) == (3_500, True, False, "expired")
+    b = await env.ledger.commit(CommitInput("acme", released.reservation_id, 1_000))
+    assert (b.charged_micros, b.over_estimate, b.replayed, b.late) == (1_000, False, False, "released")
+    assert b.remaining_micros == 5_000 - 5_000 - 4_500  # past the limit: recorded in full, not refused
+    # Charged to spent, not to reserved, on every scope (the global one too).
+    assert await reserved_and_spent(env, TENANT, Window.DAY) == (5_000, 4_500)
+    assert await reserved_and_spent(env, GLOBAL, Window.DAY) == (5_000, 4_500)
+    # Replays answer the first commit, late included, and charge nothing more.
+    again = await env.ledger.commit(CommitInput("acme", expired.reservation_id, 9_999))
+    assert (again.charged_micros, again.replayed, again.late) == (3_500, True, "expired")
+    assert (await env.ledger.commit(CommitInput("acme", released.reservation_id, 1))).late == "released"
+    await env.ledger.commit(CommitInput("acme", full.reservation_id, 5_000))
+    assert await reserved_and_spent(env, TENANT, Window.DAY) == (0, 9_500)
+    usage = (await env.ledger.get_usage(UsageQuery(tenant="acme"))).total.counters
+    assert (usage.requests, usage.cost_micros, usage.late_commits, usage.over_estimate) == (3, 9_500, 2, 1)
+    # A late commit is settled like any other: releasing or renewing it now changes nothing.
+    assert (await env.ledger.release("acme", expired.reservation_id)).replayed
+    with pytest.raises(FailedPrecondition) as exc:
+        await env.ledger.renew("acme", released.reservation_id)
+    assert exc.value.reason == "RESERVATION_SETTLED"
+
+
+async def test_renew_extends_a_held_reservation_on_every_scope(env: Env) -> None:
+    await set_policy(env, GLOBAL, (Window.DAY, 10_000, None))
+    await set_policy(env, TENANT, (Window.DAY, 10_000, None))
+    r = await env.ledger.reserve(reserve_input("long", 6_000, ttl=60))
+    assert r.expires_unix_ms == T0 + 60_000
+    env.clock.advance(50_000)
+    renewed = await env.ledger.renew("acme", r.reservation_id, 120)
+    assert renewed.expires_unix_ms == T0 + 50_000 + 120_000
+    # Never shortens it; 0 means the default TTL (300 s); more than max_ttl_s (3600) is capped.
+    assert (await env.ledger.renew("acme", r.reservation_id, 1)).expires_unix_ms == renewed.expires_unix_ms
+    assert (await env.ledger.renew("acme", r.reservation_id)).expires_unix_ms == env.clock() + 300_000
+    assert (await env.ledger.renew("acme", r.reservation_id, 86_400)).expires_unix_ms == env.clock() + 3_600_000
+    # Past its first TTL the money is still held, on the tenant and the global scope (which, in cluster mode,
+    # lives in another slot and holds under its own expiry).
+    env.clock.advance(3_000_000)
+    assert await reserved_and_spent(env, TENANT, Window.DAY) == (6_000, 0)
+    assert await reserved_and_spent(env, GLOBAL, Window.DAY) == (6_000, 0)
+    with pytest.raises(ResourceExhausted):
+        await env.ledger.reserve(reserve_input("blocked", 5_000, a=Attribution("globex")))
+    # A replay of the request answers the new expiry.
+    assert (await env.ledger.reserve(reserve_input("long", 6_000))).expires_unix_ms == env.clock() + 600_000
+    # It expires at the renewed time, on every scope.
+    env.clock.advance(600_000)
+    assert await reserved_and_spent(env, TENANT, Window.DAY) == (0, 0)
+    assert await reserved_and_spent(env, GLOBAL, Window.DAY) == (0, 0)
+    with pytest.raises(FailedPrecondition) as exc:
+        await env.ledger.renew("acme", r.reservation_id)
+    assert exc.value.reason == "RESERVATION_EXPIRED"
+    # Expired money is not held again: a commit of it is late.
+    assert (await env.ledger.commit(CommitInput("acme", r.reservation_id, 10))).late == "expired"
+
+
+async def test_renew_of_a_settled_unknown_or_foreign_reservation(env: Env) -> None:
+    await set_policy(env, TENANT, (Window.DAY, 10_000, None))
+    committed = await env.ledger.reserve(reserve_input("c", 1_000))
+    await env.ledger.commit(CommitInput("acme", committed.reservation_id, 1_000))
+    released = await env.ledger.reserve(reserve_input("r", 1_000))
+    await env.ledger.release("acme", released.reservation_id)
+    for rid in (committed.reservation_id, released.reservation_id):
+        with pytest.raises(FailedPrecondition) as exc:
+            await env.ledger.renew("acme", rid, 60)
+        assert exc.value.reason == "RESERVATION_SETTLED"
+    held = await env.ledger.reserve(reserve_input("h", 1_000, ttl=30))
+    with pytest.raises(NotFound):
+        await env.ledger.renew("globex", held.reservation_id, 600)
+    with pytest.raises(NotFound):
+        await env.ledger.renew("acme", "res_000000000000000000000000", 600)
+    with pytest.raises(InvalidArgument) as bad:
+        await env.ledger.renew("", "", -1)
+    assert {v.field for v in bad.value.violations} == {"tenant", "reservation_id", "ttl_seconds"}
+    # Nothing of that moved the held one: it expires at its own TTL.
+    env.clock.advance(30_000)
+    assert await reserved_and_spent(env, TENANT, Window.DAY) == (0, 1_000)
 
 
 async def test_foreign_and_unknown_reservation_ids_are_not_found(env: Env) -> None:
@@ -620,6 +636,19 @@ async def test_a_savings_batch_replays_per_record_and_adds_the_rest(env: Env) ->
     assert await env.store.record_savings(batch) == [True] * len(batch)
     assert await savings_by_tenant(env) == expected
     assert await env.store.tenants() == ["acme", "globex"]
+
+
+async def test_a_request_id_repeated_in_a_savings_batch_counts_once(env: Env) -> None:
+    records = [
+        SavingsInput("hit-1", Attribution("acme", "search"), 1_000, 1),
+        SavingsInput("hit-2", Attribution("acme", "search"), 300, 1),
+        SavingsInput("hit-1", Attribution("acme", "ads"), 7_000, 2),  # a replay of the first, whatever its numbers
+        SavingsInput("hit-2", Attribution("acme", "search"), 300, 1),
+    ]
+    replayed = await env.ledger.record_savings(records, tenant="acme")
+    assert replayed == [False, False, True, True]
+    assert await savings_by_tenant(env) == {"acme": (1_300, 2)}
+    assert await env.ledger.record_savings(records, tenant="acme") == [True] * 4
 
 
 async def test_a_savings_batch_survives_a_script_flush(env: Env) -> None:

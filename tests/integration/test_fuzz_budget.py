@@ -8,6 +8,7 @@ it by exactly what it charged; nothing fuzzed leaves money reserved.
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -42,6 +43,7 @@ from tests.support.fuzz import (
     ledger,
     metadata,
     pick,
+    renew_requests,
     text,
     track_all_money,
     unary,
@@ -194,6 +196,32 @@ def test_release(
     assert ledger(stack) == before
 
 
+@given(who=credentials("router", "fuzz"), case=renew_requests())
+@FUZZ
+def test_renew_reservation(
+    stack: Stack,
+    budget: budget_pb2_grpc.BudgetServiceStub,
+    who: str | None,
+    case: tuple[bool, budget_pb2.RenewReservationRequest],
+) -> None:
+    real, request = case
+    if real:  # a live reservation of tenant "fuzz", renewed with fuzzed fields (and maybe the wrong tenant)
+        request.reservation_id = reserve(stack, budget)
+    before = ledger(stack)
+    started_ms = time.time() * 1000
+    out = unary(budget.RenewReservation, request, metadata(stack, who))
+    check_documented(out, who, ALLOWED)
+    assert ledger(stack) == before  # renewing moves no money, accepted or not
+    if out.ok:
+        assert (real and request.tenant == "fuzz") or request.reservation_id == "open_x", out
+        # Never past max_ttl_s (3600) from now, whatever the TTL asked for.
+        assert started_ms < out.reply.expires_unix_ms <= time.time() * 1000 + 3_600_000
+    elif not real:
+        assert out.code in (INVALID_ARGUMENT, NOT_FOUND) or who not in ("admin", "router"), out
+    if real:
+        release(stack, budget, request.reservation_id, "fuzz")
+
+
 @st.composite
 def savings_requests(draw: st.DrawFn) -> budget_pb2.RecordSavingsRequest:
     bad = draw(corrupted(("request_id", "attribution", "saved", "reason", "model", "tier")))
@@ -227,8 +255,8 @@ def test_record_savings(
 @st.composite
 def savings_batches(draw: st.DrawFn) -> budget_pb2.RecordSavingsBatchRequest:
     """A batch of valid records (request ids fresh or already seen, tenant empty or the batch's) with, when
-    corrupted: a hostile batch tenant, no records or more than 1000, hostile records, a request id twice, or a
-    record of another tenant."""
+    corrupted: a hostile batch tenant, no records or more than 1000, hostile records, or a record of another
+    tenant; or (valid all the same) a request id twice, whose second record replays the first."""
     bad = draw(corrupted(("tenant", "count", "records", "duplicate", "foreign")))
     tenant = pick(draw, bad, "tenant", VALID_TENANT, TENANT)
     count = pick(draw, bad, "count", st.one_of(st.integers(1, 8), st.just(1000)), st.sampled_from([0, 1001, 1500]))
@@ -278,8 +306,9 @@ def test_record_savings_batch(
         return
     records = request.records
     assert 1 <= len(records) <= 1000 and len(out.reply.replayed) == len(records)
-    assert len({r.request_id for r in records}) == len(records)
     assert all(r.attribution.tenant in ("", request.tenant) for r in records)
+    first = {r.request_id: i for i, r in reversed(list(enumerate(records)))}
+    assert all(out.reply.replayed[i] for i, r in enumerate(records) if first[r.request_id] != i)  # counted once
     new = [r for r, replayed in zip(records, out.reply.replayed, strict=True) if not replayed]
     assert (after.cost_micros, after.reserved_micros) == (before.cost_micros, before.reserved_micros)
     assert after.saved_micros - before.saved_micros == sum(r.saved_micros for r in new)

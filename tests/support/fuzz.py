@@ -125,6 +125,20 @@ VALID_TENANT = st.sampled_from(["fuzz", "fuzz-b"])
 VALID_NAME = st.sampled_from(["", "web", "search", "support-summaries"])
 
 
+@st.composite
+def renew_requests(draw: st.DrawFn) -> tuple[bool, budget_pb2.RenewReservationRequest]:
+    """(against a live reservation?, the request): RenewReservation with a hostile id (unknown, empty, oversized,
+    odd characters), tenant (another one, malformed, missing) or TTL (0 = default, past max_ttl_s: capped). The
+    reservation id of a live one (tenant "fuzz") is filled in by the test."""
+    bad = draw(corrupted(("reservation_id", "tenant", "ttl")))
+    real = "reservation_id" not in bad
+    return real, budget_pb2.RenewReservationRequest(
+        reservation_id="" if real else draw(st.one_of(text(64), st.just("res_" + "0" * 24), st.just("open_x"))),
+        tenant=pick(draw, bad, "tenant", st.just("fuzz"), TENANT),
+        ttl_seconds=pick(draw, bad, "ttl", st.integers(0, 3600), UINT32),
+    )
+
+
 def corrupted(fields: tuple[str, ...]) -> st.SearchStrategy[frozenset[str]]:
     """Which fields of a request to make hostile: often none (a valid request), else one to all of them."""
     return st.one_of(st.just(frozenset()), st.frozensets(st.sampled_from(fields), min_size=1, max_size=len(fields)))
@@ -221,6 +235,7 @@ class Ledger:
     output_tokens: int
     over_estimate_commits: int
     reserved_micros: int
+    late_commits: int = 0
     saved_micros: int = 0
     cache_hits: int = 0
 
@@ -238,6 +253,7 @@ def ledger(stack: Stack, *, savings: bool = False) -> Ledger:
         output_tokens=total.usage.output_tokens,
         over_estimate_commits=total.over_estimate_commits,
         reserved_micros=sum(h.reserved_micros for h in headroom),
+        late_commits=total.late_commits,
         saved_micros=total.saved_micros if savings else 0,
         cache_hits=total.cache_hits if savings else 0,
     )

@@ -100,6 +100,9 @@ def _exercise(provider: MeterProvider) -> None:
     budget.reserved(reserve, Reservation("res", 0, [row], False, False, 0, 985))
     budget.rejected(reserve, ResourceExhausted("over", reason="BUDGET_EXCEEDED"))
     budget.committed(CommitInput("acme", "res", 10, TokenUsage(1, 1), "m", 1, 5), CommitResult(10, False, False, 975))
+    late = CommitResult(10, False, False, 965, late="expired")
+    budget.committed(CommitInput("acme", "res2", 10, TokenUsage(1, 1), "m", 1), late)
+    budget.renewed("acme", "res", "renewed")
     budget.savings(SavingsInput("r", who, 5, 1, "m", 1), replayed=False)
     # infer
     infer = InferMetrics(

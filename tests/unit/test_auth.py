@@ -110,6 +110,7 @@ GENERATE = "/costmesh.router.v1.RouterService/Generate"
 SET_BUDGET = "/costmesh.budget.v1.BudgetService/SetBudget"
 GET_USAGE = "/costmesh.budget.v1.BudgetService/GetUsage"
 RESERVE = "/costmesh.budget.v1.BudgetService/Reserve"
+RENEW = "/costmesh.budget.v1.BudgetService/RenewReservation"
 INVALIDATE = "/costmesh.cache.v1.CacheService/Invalidate"
 GET_STATS = "/costmesh.cache.v1.CacheService/GetStats"
 GET_JOB = "/costmesh.infer.v1.InferenceService/GetJob"
@@ -153,6 +154,8 @@ def test_admin_rpcs_need_an_admin_key() -> None:
 def test_the_service_role_acts_for_any_tenant_on_the_data_plane() -> None:
     assert decide(ROUTER, RESERVE, "acme") == "ok"
     assert decide(ROUTER, RESERVE, "") == "ok"  # validation answers INVALID_ARGUMENT, not auth
+    assert decide(ROUTER, RENEW, "acme") == "ok" and decide(ADMIN, RENEW, "acme") == "ok"
+    assert decide(ACME, RENEW, "acme") == "ROLE"  # like Commit and Release: the router's
     assert decide(ROUTER, GENERATE, "globex") == "ok"
     assert decide(ROUTER, GET_JOB, "") == "ok"  # the router's internal read of its own jobs
     assert decide(ACME, GET_JOB, "acme") == "ROLE"

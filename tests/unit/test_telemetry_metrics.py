@@ -4,6 +4,7 @@ exporter; no sockets). The names the services export over Prometheus are checked
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -273,6 +274,29 @@ def test_budget_counts_spend_and_savings_once_and_drops_old_scopes(tel: Telemetr
     assert attrs[sc.COST_MICROS] == 700 and attrs[sc.GEN_AI_USAGE_OUTPUT_TOKENS] == 5 and attrs[sc.TIER] == "cheap"
     m.headroom([room(ScopeKind.FEATURE, f"f{i}", 100, 0, 0) for i in range(3)])
     assert {dict(k)["scope_name"] for k in tel.points()["costmesh.budget.limit.micros"]} == {"f1", "f2"}
+
+
+def test_budget_counts_late_commits_once_with_their_money_and_renewals_by_outcome(tel: Telemetry) -> None:
+    m = BudgetMetrics(tel.meter())
+    commit = CommitInput(tenant="acme", reservation_id="res1", actual_cost_micros=900, model="m", tier=2)
+    with tel.tracer.start_as_current_span("Commit"):
+        m.committed(commit, CommitResult(900, False, False, -100, late="expired"))
+    m.committed(commit, CommitResult(900, False, True, -100, late="expired"))  # a replay: not another event
+    m.committed(replace(commit, reservation_id="res2"), CommitResult(40, False, False, None, late="released"))
+    m.committed(replace(commit, reservation_id="res3"), CommitResult(10, False, False, None))  # on time
+    p = tel.points()
+    assert value(p["costmesh.budget.late_commits"], tenant="acme", reason="expired") == 1
+    assert value(p["costmesh.budget.late_commits"], tenant="acme", reason="released") == 1
+    assert value(p["costmesh.budget.late_committed.micros"], reason="expired") == 900
+    assert total(p["costmesh.budget.late_committed.micros"], tenant="acme") == 940
+    assert total(p["costmesh.budget.committed.micros"], tenant="acme") == 950  # late spend is spend too
+    (span,) = tel.finished()
+    assert dict(span.attributes or {})[sc.BUDGET_OUTCOME] == "committed_late"
+    for outcome in ("renewed", "renewed", "expired", "settled", "not_found"):
+        m.renewed("acme", "res1", outcome)
+    renewals = tel.points()["costmesh.budget.renewals"]
+    assert value(renewals, tenant="acme", outcome="renewed") == 2
+    assert value(renewals, outcome="expired") == value(renewals, outcome="settled") == 1
 
 
 def test_budget_savings_batch_counts_each_new_record_and_annotates_the_span_once(tel: Telemetry) -> None:
