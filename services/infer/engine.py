@@ -73,7 +73,7 @@ class EngineGauges:
     kv_cache_usage: float = 0.0
     prefix_cache_queries: int = 0  # tokens looked up in the prefix cache (cumulative)
     prefix_cache_hits: int = 0  # of which found (cumulative)
-    aborts_total: int = 0  # requests this worker aborted in the engine (cancel, deadline, early stop)
+    aborts_total: int = 0  # requests this worker aborted in the engine (cancel, deadline, stop message)
     updated_at: float = 0.0
 
 
@@ -98,12 +98,21 @@ class Engine(Protocol):
 
     def render_chat(self, messages: Sequence[Message]) -> list[int]: ...
 
-    def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
-        """Stream outputs; closing the iterator early aborts the request in the engine at once."""
+    def generate(
+        self, request: EngineRequest, *, stop: asyncio.Event | None = None
+    ) -> AsyncGenerator[EngineOutput, None]:
+        """Stream outputs; closing the iterator early aborts the request in the engine at once.
+
+        Setting ``stop`` aborts the request in the engine too, but the stream still ends with a final output
+        (``finished``, finish reason ABORT) that carries whatever was generated up to then, so it can be billed.
+        """
         ...
 
 
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
+#: After a stop, how often the abort is sent again until vLLM's final abort output arrives: a stop that comes while
+#: ``AsyncLLM.generate`` is still adding the request finds nothing to abort yet.
+STOP_RETRY_S = 0.05
 
 
 def _import_vllm() -> Any:
@@ -332,8 +341,14 @@ class VllmEngine:
             kwargs["seed"] = s.seed
         return self._vllm.SamplingParams(**kwargs)
 
-    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
-        """Stream the request's outputs; if the caller stops early (cancel, deadline) the request is aborted at once."""
+    async def generate(
+        self, request: EngineRequest, *, stop: asyncio.Event | None = None
+    ) -> AsyncGenerator[EngineOutput, None]:
+        """Stream the request's outputs; if the caller stops early (cancel, deadline) the request is aborted at once.
+
+        ``stop`` set: the request is aborted in the engine and vLLM's own final abort output (``finished``, finish
+        reason ``abort``, every token generated so far in FINAL_ONLY mode) ends the stream.
+        """
         if self._dead or self._llm is None:
             raise EngineDead("engine is not running")
         vllm = self._vllm
@@ -341,6 +356,7 @@ class VllmEngine:
         prompt = vllm.inputs.engine.tokens_input(request.prompt_token_ids, cache_salt=request.cache_salt)
         stream = self._llm.generate(prompt, self._sampling_params(request), engine_id, priority=request.priority)
         finished = False
+        stopper = None if stop is None else asyncio.create_task(self._abort_on(stop, engine_id), name="engine-stop")
         try:
             async for out in stream:
                 completion = out.outputs[0]
@@ -367,12 +383,30 @@ class VllmEngine:
         except ValueError as err:  # vLLM's request validation (VLLMValidationError is a ValueError)
             raise EngineRejected(str(err)) from err
         finally:
+            if stopper is not None:
+                stopper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await stopper
             if not finished:
                 # Cancelled, deadline passed or the consumer stopped: free the sequence's slot and KV blocks now.
                 self._gauges.aborts_total += 1
                 with contextlib.suppress(Exception):
                     await self._llm.abort(engine_id)
             await stream.aclose()
+
+    async def _abort_on(self, stop: asyncio.Event, engine_id: str) -> None:
+        """Once ``stop`` is set, abort the request until its stream ends (``generate`` cancels this task then).
+
+        The first abort normally suffices: vLLM's output processor answers it with the request's final output. It is
+        repeated because a stop can come before ``AsyncLLM.generate`` has registered the request (it finds nothing to
+        abort then); an abort of a request vLLM no longer knows is a no-op.
+        """
+        await stop.wait()
+        self._gauges.aborts_total += 1
+        while True:
+            with contextlib.suppress(Exception):
+                await self._llm.abort(engine_id)
+            await asyncio.sleep(STOP_RETRY_S)
 
     def unfinished_requests(self) -> int:
         """Requests vLLM still holds (waiting or running) — 0 once every aborted request has been freed."""

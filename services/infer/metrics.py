@@ -86,6 +86,7 @@ def _requests(stats: InferStats) -> Iterable[tuple[float, dict[str, str]]]:
             ("admitted", s.admitted_total),
             ("rejected", s.rejected_total),
             ("finished", s.finished_total),
+            ("stopped", s.stopped_total),
             ("aborted", s.aborted_total),
             ("failed", s.failed_total),
         ):
@@ -123,12 +124,15 @@ class InferMetrics:
             explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS_S),
         )
         self._tokens = meter.create_counter(
-            "costmesh.infer.tokens", unit="{token}", description="Tokens of finished generations, by type"
+            "costmesh.infer.tokens",
+            unit="{token}",
+            description="Tokens of every generation (prompt once it reached the engine, every output token), by type "
+            "and outcome",
         )
         self._cost = meter.create_counter(
             "costmesh.infer.cost.micros",
             unit="{microUSD}",
-            description="Cost of finished generations at this worker's price, micro-USD",
+            description="Cost of every generation's tokens at this worker's price, micro-USD, by outcome",
         )
         if stats is None:
             return
@@ -230,21 +234,24 @@ class InferMetrics:
         max_tokens: int,
         summary: GenerationSummary,
         cost_micros: int,
+        outcome: str = "finished",
     ) -> None:
-        """One finished generation: histograms, tokens and cost; attributes and the first-token event on the span."""
+        """One ended generation, whatever its ``outcome`` (finished, stopped, cancelled, failed): histograms, tokens and
+        cost; attributes and the first-token event on the span."""
         operation = "chat" if request.messages else "text_completion"
         dims = {**self._base, "queue_class": queue_class.value}
         timing = {**dims, sc.GEN_AI_OPERATION_NAME: operation, sc.GEN_AI_REQUEST_MODEL: summary.model}
         ttft_s = summary.time_to_first_token_ms / 1000
         decode_s = max(0.0, summary.latency_ms - summary.time_to_first_token_ms) / 1000
         u = summary.usage
-        if u.output_tokens > 0:
-            self._ttft.record(ttft_s, timing)
-        if u.output_tokens > 1:
-            self._tpot.record(decode_s / (u.output_tokens - 1), timing)
-        self._duration.record(summary.latency_ms / 1000, timing)
+        if outcome == "finished":  # timing of whole generations only (a stopped or cancelled one ends early)
+            if u.output_tokens > 0:
+                self._ttft.record(ttft_s, timing)
+            if u.output_tokens > 1:
+                self._tpot.record(decode_s / (u.output_tokens - 1), timing)
+            self._duration.record(summary.latency_ms / 1000, timing)
         who = with_baggage(request.attribution)
-        spend = {**dims, "tenant": who.tenant, "team": who.team, "feature": who.feature}
+        spend = {**dims, "tenant": who.tenant, "team": who.team, "feature": who.feature, "outcome": outcome}
         for kind, n in (
             ("input", u.input_tokens),
             ("output", u.output_tokens),

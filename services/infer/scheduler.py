@@ -114,6 +114,10 @@ class Admission:
         asyn = self.in_engine(QueueClass.ASYNC)
         return inter + asyn < self.limits.async_slots and asyn < self.limits.async_concurrency
 
+    def can_admit_now(self, cls: QueueClass) -> bool:
+        """Whether ``acquire(cls)`` would grant a slot without waiting."""
+        return self.has_room(cls) and not self._waiters[cls]
+
     def retry_after_s(self, cls: QueueClass, depth: int | None = None) -> float:
         """A hint for clients turned away: how long until the line ahead of them has likely drained."""
         hold = self._hold_s[cls].value
@@ -132,7 +136,7 @@ class Admission:
         runner waits unbounded (its queue is the job store). ``max_wait_s`` defaults to the class's limit.
         """
         stats = self.stats.classes[cls]
-        if self.has_room(cls) and not self._waiters[cls]:
+        if self.can_admit_now(cls):
             return self._grant(cls, waited_s=0.0)
         limit = self.limits.interactive_max_waiting if cls is QueueClass.INTERACTIVE else self.limits.async_max_waiting
         if bounded and stats.waiting >= limit:

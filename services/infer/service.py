@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import structlog
@@ -198,39 +199,81 @@ class InferenceService:
     # --- generation ---
 
     async def generate(
-        self, req: GenerationRequest, *, slot: Slot | None = None, stream: bool = True
+        self,
+        req: GenerationRequest,
+        *,
+        slot: Slot | None = None,
+        stream: bool = True,
+        stop: asyncio.Event | None = None,
     ) -> AsyncGenerator[GenerationEvent, None]:
         """Stream one generation. Without ``slot`` it waits for admission in its class first.
 
         ``stream=False`` asks the engine for the final output only (one event with all the text, then the summary).
 
-        Stopping early (``aclose()``, a cancelled task, a passed deadline) aborts the request in the engine at once
-        and frees its slot.
+        ``stop`` set: the generation ends now and still yields its ``Finished`` event, finish reason ABORT, with the
+        usage so far — the prompt's tokens once the request reached the engine (none while it waited for admission)
+        and every output token generated. Stopping without a summary (``aclose()``, a cancelled task, a passed
+        deadline) aborts the request in the engine at once and frees its slot. Every path counts its tokens in
+        ``stats`` and the metrics (see :meth:`_account`).
         """
         arrival = self._clock()
         try:
             self.ensure_alive()
             prepared = await self.prepare(req)
             if slot is None:
-                slot = await self._admission.acquire(req.queue_class)
+                slot = await self._admit(req.queue_class, stop)
         except BaseException:
             if slot is not None:
                 slot.release()
             raise
+        if slot is None:  # stopped while waiting for admission: nothing reached the engine
+            yield self._stopped_before_engine(prepared, arrival, req.queue_class)
+            return
         try:
             # aclosing: an early stop of this generator must close the inner one now (it aborts the engine request),
             # not whenever the garbage collector gets to it.
-            async with contextlib.aclosing(self._run(prepared, arrival, slot.queue_class, stream)) as events:
+            async with contextlib.aclosing(self._run(prepared, arrival, slot.queue_class, stream, stop)) as events:
                 async for event in events:
                     yield event
         finally:
             slot.release()
 
+    async def _admit(self, cls: QueueClass, stop: asyncio.Event | None) -> Slot | None:
+        """A slot of class ``cls``, or None when ``stop`` is set first."""
+        if stop is None or (self._admission.can_admit_now(cls) and not stop.is_set()):
+            return await self._admission.acquire(cls)
+        if stop.is_set():
+            return None
+        acquiring = asyncio.ensure_future(self._admission.acquire(cls))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not acquiring.done():
+                acquiring.cancel()  # the admission hands back a slot granted meanwhile
+                with contextlib.suppress(asyncio.CancelledError):
+                    await acquiring
+        if acquiring.cancelled():
+            return None
+        slot = acquiring.result()  # ResourceExhausted (full line, waited too long) propagates
+        if stop.is_set():
+            slot.release()
+            return None
+        return slot
+
+    def _stopped_before_engine(self, p: Prepared, arrival: float, cls: QueueClass) -> Finished:
+        tally = _Tally(reached_engine=False, outcome=Outcome.STOPPED)
+        return Finished("", 0, self._account(p, arrival, cls, tally))
+
     async def _run(
-        self, p: Prepared, arrival: float, cls: QueueClass, stream: bool
+        self, p: Prepared, arrival: float, cls: QueueClass, stream: bool, stop: asyncio.Event | None
     ) -> AsyncGenerator[GenerationEvent, None]:
         lim = self._limits
         req = p.request
+        if stop is not None and stop.is_set():
+            yield self._stopped_before_engine(p, arrival, cls)
+            return
         stats = self.stats.classes[cls]
         salt = req.attribution.tenant if lim.prefix_cache_per_tenant and req.attribution.tenant else None
         engine_req = EngineRequest(
@@ -242,78 +285,139 @@ class InferenceService:
             cache_salt=salt,
             stream=stream,
         )
-        first_at: float | None = None
-        out_tokens = 0
-        cached = 0
-        reason = FinishReason.ABORT
-        tail_text = ""
-        tail_tokens = 0
-        done = False
+        # From here on the request has reached the engine: its prompt tokens count, whatever happens next.
+        t = _Tally(reached_engine=True)
         submitted = self._clock()
-        outputs = self._engine.generate(engine_req)
+        outputs = self._engine.generate(engine_req, stop=stop)
         try:
-            async with contextlib.aclosing(outputs):
-                async for out in outputs:
-                    if out.num_cached_tokens is not None:
-                        cached = out.num_cached_tokens
-                    if out.token_count and first_at is None:
-                        # Streaming: the first output is the first token. Final-only: the engine measured it.
-                        now = self._clock()
-                        latency = out.first_token_latency_s
-                        first_at = now if stream or latency is None else min(now, submitted + latency)
-                        stats.ttft_s.observe(first_at - arrival)
-                    out_tokens += out.token_count
-                    self.stats.output_tokens.add(out.token_count)
-                    if out.finished:
-                        reason = out.finish_reason or FinishReason.STOP
-                        tail_text, tail_tokens = out.text, out.token_count
-                        done = True
-                        break
-                    if out.text or out.token_count:
-                        yield TextDelta(out.text, out.token_count)
-        except EngineDead as err:
-            done = True
-            stats.failed_total += 1
-            raise Unavailable("the inference engine died", reason="ENGINE_DEAD", retry_after_s=1.0) from err
-        except EngineRejected as err:
-            done = True
-            stats.failed_total += 1
-            raise InvalidArgument(f"rejected by the engine: {err}", reason="ENGINE_REJECTED") from err
+            try:
+                async with contextlib.aclosing(outputs):
+                    async for out in outputs:
+                        if out.num_cached_tokens is not None:
+                            t.cached = out.num_cached_tokens
+                        if out.token_count and t.first_at is None:
+                            # Streaming: the first output is the first token. Final-only: the engine measured it.
+                            now = self._clock()
+                            latency = out.first_token_latency_s
+                            t.first_at = now if stream or latency is None else min(now, submitted + latency)
+                            stats.ttft_s.observe(t.first_at - arrival)
+                        t.output_tokens += out.token_count
+                        self.stats.output_tokens.add(out.token_count)
+                        if out.finished:
+                            t.reason = out.finish_reason or FinishReason.STOP
+                            t.outcome = Outcome.STOPPED if t.reason is FinishReason.ABORT else Outcome.FINISHED
+                            t.tail_text, t.tail_tokens = out.text, out.token_count
+                            break
+                        if out.text or out.token_count:
+                            yield TextDelta(out.text, out.token_count)
+            except EngineDead as err:
+                t.outcome, t.reason = Outcome.FAILED, FinishReason.ERROR
+                raise Unavailable(
+                    "the inference engine died",
+                    reason="ENGINE_DEAD",
+                    retry_after_s=1.0,
+                    metadata=usage_metadata(t.usage(p)),
+                ) from err
+            except EngineRejected as err:
+                # vLLM refused it before processing it: nothing to count.
+                t.outcome, t.reason, t.reached_engine = Outcome.FAILED, FinishReason.ERROR, False
+                raise InvalidArgument(f"rejected by the engine: {err}", reason="ENGINE_REJECTED") from err
         finally:
-            if not done:
-                stats.aborted_total += 1
-                log.info("generation_aborted", request_id=req.request_id, queue_class=cls.value, tokens=out_tokens)
+            summary = self._account(p, arrival, cls, t)
+        yield Finished(t.tail_text, t.tail_tokens, summary)
+
+    def _account(self, p: Prepared, arrival: float, cls: QueueClass, t: _Tally) -> GenerationSummary:
+        """Count one generation's tokens in the stats and the metrics, whatever its outcome; its summary.
+
+        Runs once per generation on every path (finished, stopped, cancelled, failed), so the worker's token counters
+        hold every token it reported or would have reported: the prompt once the request reached the engine, and
+        every output token the engine produced.
+        """
+        lim = self._limits
+        req = p.request
+        stats = self.stats.classes[cls]
         end = self._clock()
-        usage = TokenUsage(
-            input_tokens=len(p.prompt_token_ids),
-            output_tokens=out_tokens,
-            cached_input_tokens=min(cached, len(p.prompt_token_ids)),
-        )
-        stats.finished_total += 1
+        usage = t.usage(p)
+        if t.outcome is Outcome.FINISHED:
+            stats.finished_total += 1
+        elif t.outcome is Outcome.STOPPED:
+            stats.stopped_total += 1
+        elif t.outcome is Outcome.FAILED:
+            stats.failed_total += 1
+        else:
+            stats.aborted_total += 1
+            log.info("generation_aborted", request_id=req.request_id, queue_class=cls.value, tokens=t.output_tokens)
         self.stats.prompt_tokens_total += usage.input_tokens
         self.stats.cached_prompt_tokens_total += usage.cached_input_tokens
         self.stats.output_tokens_total += usage.output_tokens
         summary = GenerationSummary(
             usage=usage,
-            finish_reason=reason,
-            time_to_first_token_ms=round(((first_at if first_at is not None else end) - arrival) * 1000, 3),
+            finish_reason=t.reason,
+            time_to_first_token_ms=round(((t.first_at if t.first_at is not None else end) - arrival) * 1000, 3),
             latency_ms=round((end - arrival) * 1000, 3),
             model=lim.model,
             tier=lim.tier,
         )
         if self._metrics is not None:
             self._metrics.generation(
-                req, cls, max_tokens=p.max_tokens, summary=summary, cost_micros=self.cost_micros(usage)
+                req,
+                cls,
+                max_tokens=p.max_tokens,
+                summary=summary,
+                cost_micros=self.cost_micros(usage),
+                outcome=t.outcome.value,
             )
-        yield Finished(tail_text, tail_tokens, summary)
+        return summary
 
-    async def complete(self, req: GenerationRequest, *, slot: Slot | None = None) -> tuple[str, GenerationSummary]:
-        """Run a generation to its end and return its whole text and summary (durable jobs: nothing is streamed)."""
+    async def complete(
+        self, req: GenerationRequest, *, slot: Slot | None = None, stop: asyncio.Event | None = None
+    ) -> tuple[str, GenerationSummary]:
+        """Run a generation to its end and return its whole text and summary (durable jobs: nothing is streamed).
+
+        ``stop`` set: it ends early with the text and usage so far (finish reason ABORT)."""
         parts: list[str] = []
-        gen = self.generate(req, slot=slot, stream=False)
+        gen = self.generate(req, slot=slot, stream=False, stop=stop)
         async with contextlib.aclosing(gen):
             async for event in gen:
                 parts.append(event.text)
                 if isinstance(event, Finished):
                     return "".join(parts), event.summary
         raise RuntimeError("generation ended without a summary")
+
+
+class Outcome(StrEnum):
+    """How a generation ended (the ``outcome`` label of the token metrics)."""
+
+    FINISHED = "finished"  # the engine finished it (stop sequence, EOS, max_tokens): summary sent
+    STOPPED = "stopped"  # a stop signal ended it early: summary sent, finish reason ABORT
+    CANCELLED = "cancelled"  # the caller went away (cancel, deadline, connection loss): no summary
+    FAILED = "failed"  # the engine died (usage in the error's metadata) or refused it
+
+
+@dataclass(slots=True)
+class _Tally:
+    """What one generation produced so far."""
+
+    reached_engine: bool
+    outcome: Outcome = Outcome.CANCELLED
+    reason: FinishReason = FinishReason.ABORT
+    output_tokens: int = 0
+    cached: int = 0
+    first_at: float | None = None
+    tail_text: str = ""
+    tail_tokens: int = 0
+
+    def usage(self, p: Prepared) -> TokenUsage:
+        prompt = len(p.prompt_token_ids) if self.reached_engine else 0
+        return TokenUsage(
+            input_tokens=prompt, output_tokens=self.output_tokens, cached_input_tokens=min(self.cached, prompt)
+        )
+
+
+def usage_metadata(usage: TokenUsage) -> dict[str, str]:
+    """The usage of a failed generation, for the ``ErrorInfo.metadata`` of its error (the caller bills it)."""
+    return {
+        "input_tokens": str(usage.input_tokens),
+        "output_tokens": str(usage.output_tokens),
+        "cached_input_tokens": str(usage.cached_input_tokens),
+    }

@@ -79,8 +79,9 @@ class ClassStats:
     in_engine: int = 0  # gauge: admitted to the engine, not finished
     admitted_total: int = 0
     rejected_total: int = 0  # RESOURCE_EXHAUSTED (queue full or waited too long)
-    finished_total: int = 0
-    aborted_total: int = 0  # cancelled by the client or its deadline
+    finished_total: int = 0  # ended by the engine (stop sequence, EOS, max_tokens), summary sent
+    stopped_total: int = 0  # ended early by a stop signal (summary sent, finish reason ABORT)
+    aborted_total: int = 0  # cancelled by the client, its deadline or a lost connection (no summary)
     failed_total: int = 0
     ttft_s: Histogram = field(default_factory=Histogram)
 
@@ -94,6 +95,8 @@ class InferStats:
     jobs_failed_total: int = 0
     jobs_reclaimed_total: int = 0  # claims of a job another worker had started
     jobs_fenced_total: int = 0  # completions refused because another worker owns the job now
+    # Every token of every generation, whatever its outcome (finished, stopped, cancelled, failed): the prompt once
+    # the request reached the engine, every output token the engine produced (services/infer/service.py _account).
     prompt_tokens_total: int = 0
     cached_prompt_tokens_total: int = 0
     output_tokens_total: int = 0
@@ -133,6 +136,7 @@ class InferStats:
             out[f"{p}_admitted_total"] = s.admitted_total
             out[f"{p}_rejected_total"] = s.rejected_total
             out[f"{p}_finished_total"] = s.finished_total
+            out[f"{p}_stopped_total"] = s.stopped_total
             out[f"{p}_aborted_total"] = s.aborted_total
             out[f"{p}_failed_total"] = s.failed_total
             out[f"{p}_ttft_count"] = s.ttft_s.count

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -23,6 +23,7 @@ from services.infer.domain import (
     TextDelta,
 )
 from services.infer.engine import EngineDead, EngineGauges, EngineOutput, EngineRequest
+from services.infer.metrics import InferMetrics
 from services.infer.scheduler import Admission, AdmissionLimits
 from services.infer.service import InferenceService, ServiceLimits
 
@@ -56,34 +57,66 @@ class ScriptedEngine:
             ids += [0, *self.tokenize(m.content)]
         return ids
 
-    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
+    async def _step(self, stop: asyncio.Event | None) -> bool:
+        """Wait for the gate (if any); True when ``stop`` is set first."""
+        if stop is not None and stop.is_set():
+            return True
+        if self.gate is not None and not self.gate.is_set():
+            waits = {asyncio.ensure_future(self.gate.wait())}
+            if stop is not None:
+                waits.add(asyncio.ensure_future(stop.wait()))
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+        await asyncio.sleep(0)
+        return stop is not None and stop.is_set()
+
+    async def generate(
+        self, request: EngineRequest, *, stop: asyncio.Event | None = None
+    ) -> AsyncGenerator[EngineOutput, None]:
+        """Like vLLM: a set ``stop`` aborts the request and ends the stream with a final ABORT output carrying the
+        tokens generated so far (all of them when nothing streams)."""
         self.requests.append(request)
         finished = False
         if not request.stream:  # final output only, as vLLM's FINAL_ONLY output kind
+            produced = 0
             try:
-                if self.gate is not None:
-                    await self.gate.wait()
-                await asyncio.sleep(0)
-                if self.dead:
-                    raise EngineDead("boom")
+                while produced < request.max_tokens:
+                    if await self._step(stop):
+                        break
+                    if self.dead:
+                        raise EngineDead("boom")
+                    produced += 1
             except BaseException:
                 self.aborted.append(request.request_id)
                 raise
+            if produced < request.max_tokens:
+                self.aborted.append(request.request_id)
             finished = True
             yield EngineOutput(
-                text="".join(f"w{i} " for i in range(request.max_tokens)),
-                token_count=request.max_tokens,
+                text="".join(f"w{i} " for i in range(produced)),
+                token_count=produced,
                 finished=True,
-                finish_reason=FinishReason.LENGTH,
+                finish_reason=FinishReason.LENGTH if produced == request.max_tokens else FinishReason.ABORT,
                 num_cached_tokens=self.cached,
                 first_token_latency_s=0.0005,
             )
             return
         try:
             for i in range(request.max_tokens):
-                if self.gate is not None:
-                    await self.gate.wait()
-                await asyncio.sleep(0)
+                if await self._step(stop):
+                    self.aborted.append(request.request_id)
+                    finished = True
+                    yield EngineOutput(
+                        text="",
+                        token_count=0,
+                        finished=True,
+                        finish_reason=FinishReason.ABORT,
+                        num_cached_tokens=self.cached,
+                    )
+                    return
                 if self.dead:
                     raise EngineDead("boom")
                 last = i == request.max_tokens - 1
@@ -100,12 +133,12 @@ class ScriptedEngine:
                 self.aborted.append(request.request_id)
 
 
-def make_service(engine: ScriptedEngine, **adm: int) -> InferenceService:
+def make_service(engine: ScriptedEngine, *, metrics: InferMetrics | None = None, **adm: int) -> InferenceService:
     lim = AdmissionLimits(
         max_num_seqs=adm.get("max_num_seqs", 4),
         interactive_slots=adm.get("interactive_slots", 4),
         interactive_max_waiting=adm.get("interactive_max_waiting", 0),
-        interactive_max_wait_s=1.0,
+        interactive_max_wait_s=adm.get("interactive_max_wait_s", 1),
         async_slots=adm.get("async_slots", 3),
         async_concurrency=adm.get("async_slots", 3),
         async_max_waiting=4,
@@ -125,6 +158,7 @@ def make_service(engine: ScriptedEngine, **adm: int) -> InferenceService:
         ),
         price=CHEAP_DEFAULT,
         card=card,
+        metrics=metrics,
     )
 
 
@@ -291,3 +325,146 @@ async def test_complete_returns_the_whole_text_without_streaming() -> None:
     assert (summary.usage.output_tokens, summary.usage.cached_input_tokens) == (3, 1)
     # TTFT comes from the engine's own measurement when nothing streams.
     assert summary.time_to_first_token_ms <= summary.latency_ms
+
+
+# --- stop signal and token accounting on every path ---
+
+
+async def until(cond: Callable[[], bool]) -> None:
+    for _ in range(10_000):
+        if cond():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not met")
+
+
+def counted(svc: InferenceService) -> tuple[int, int, int]:
+    return svc.stats.prompt_tokens_total, svc.stats.output_tokens_total, svc.stats.cached_prompt_tokens_total
+
+
+async def test_a_stop_mid_stream_ends_with_the_summary_so_far() -> None:
+    from tests.unit.test_telemetry_metrics import Telemetry, total
+
+    tel = Telemetry()
+    engine = ScriptedEngine(gate=asyncio.Event(), cached=1)
+    svc = make_service(engine, metrics=InferMetrics(tel.meter()))
+    stop = asyncio.Event()
+    engine.gate.set()  # type: ignore[union-attr]
+    gen = svc.generate(req(sampling=Sampling(max_tokens=10)), stop=stop)
+    got = [await gen.__anext__(), await gen.__anext__(), await gen.__anext__()]
+    engine.gate.clear()  # type: ignore[union-attr]
+    stop.set()
+    rest = [e async for e in gen]
+    last = rest[-1]
+    assert isinstance(last, Finished) and all(isinstance(e, TextDelta) for e in got + rest[:-1])
+    u = last.summary.usage
+    assert last.summary.finish_reason is FinishReason.ABORT
+    assert 0 < u.output_tokens < 10 and u.output_tokens == sum(e.token_count for e in got + rest)
+    assert (u.input_tokens, u.cached_input_tokens) == (3, 1)
+    assert counted(svc) == (u.input_tokens, u.output_tokens, u.cached_input_tokens)
+    assert engine.aborted == ["r1"]
+    cls = svc.stats.classes[QueueClass.INTERACTIVE]
+    assert (cls.stopped_total, cls.finished_total, cls.aborted_total) == (1, 0, 0)
+    assert svc.admission.in_engine(QueueClass.INTERACTIVE) == 0
+    tokens = tel.points()["costmesh.infer.tokens"]
+    assert total(tokens, type="input", outcome="stopped") == u.input_tokens
+    assert total(tokens, type="output", outcome="stopped") == u.output_tokens
+    assert total(tokens, type="output") == u.output_tokens  # nothing counted twice, nothing under another outcome
+    tel.meter_provider.shutdown()
+
+
+async def test_a_stop_before_admission_counts_nothing() -> None:
+    engine = ScriptedEngine(gate=asyncio.Event())
+    svc = make_service(engine, interactive_slots=1, interactive_max_waiting=1, interactive_max_wait_s=30)
+    holder = svc.generate(req(sampling=Sampling(max_tokens=10)))
+    engine.gate.set()  # type: ignore[union-attr]
+    await holder.__anext__()  # holds the only interactive slot
+    engine.gate.clear()  # type: ignore[union-attr]
+    stop = asyncio.Event()
+    waiting = asyncio.ensure_future(collect_with(svc, req(request_id="r2", sampling=Sampling(max_tokens=5)), stop))
+    await until(lambda: svc.admission.waiting(QueueClass.INTERACTIVE) == 1)
+    before = counted(svc)
+    stop.set()
+    (last,) = await waiting
+    assert isinstance(last, Finished) and last.summary.finish_reason is FinishReason.ABORT
+    assert (last.summary.usage.input_tokens, last.summary.usage.output_tokens) == (0, 0)
+    assert counted(svc) == before
+    assert [r.request_id for r in engine.requests] == ["r1"]  # r2 never reached the engine
+    assert svc.admission.waiting(QueueClass.INTERACTIVE) == 0
+    assert svc.stats.classes[QueueClass.INTERACTIVE].stopped_total == 1
+    await holder.aclose()
+    assert svc.admission.in_engine(QueueClass.INTERACTIVE) == 0
+
+
+async def collect_with(svc: InferenceService, r: GenerationRequest, stop: asyncio.Event) -> list[TextDelta | Finished]:
+    return [e async for e in svc.generate(r, stop=stop)]
+
+
+async def test_a_stop_signal_never_set_changes_nothing() -> None:
+    svc = make_service(ScriptedEngine())
+    events = await collect_with(svc, req(sampling=Sampling(max_tokens=4)), asyncio.Event())
+    last = events[-1]
+    assert isinstance(last, Finished) and last.summary.finish_reason is FinishReason.LENGTH
+    assert last.summary.usage.output_tokens == 4
+
+
+async def test_a_cancelled_stream_still_counts_its_tokens() -> None:
+    from tests.unit.test_telemetry_metrics import Telemetry, total
+
+    tel = Telemetry()
+    engine = ScriptedEngine(gate=asyncio.Event())
+    svc = make_service(engine, metrics=InferMetrics(tel.meter()))
+    received = 0
+    three = asyncio.Event()
+
+    async def consume() -> None:
+        nonlocal received
+        async with contextlib.aclosing(svc.generate(req(sampling=Sampling(max_tokens=10)))) as gen:
+            async for e in gen:
+                received += e.token_count
+                if received == 3:
+                    engine.gate.clear()  # type: ignore[union-attr]
+                    three.set()
+
+    engine.gate.set()  # type: ignore[union-attr]
+    task = asyncio.create_task(consume())
+    await three.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert counted(svc) == (3, 3, 0)  # the prompt (it reached the engine) and every token generated
+    assert svc.stats.classes[QueueClass.INTERACTIVE].aborted_total == 1
+    tokens = tel.points()["costmesh.infer.tokens"]
+    assert total(tokens, type="output", outcome="cancelled") == 3
+    assert total(tokens, type="input", outcome="cancelled") == 3
+    tel.meter_provider.shutdown()
+
+
+async def test_engine_death_counts_the_tokens_and_reports_them_in_the_error() -> None:
+    engine = ScriptedEngine()
+    svc = make_service(engine)
+    gen = svc.generate(req(sampling=Sampling(max_tokens=5)))
+    await gen.__anext__()
+    await gen.__anext__()
+    engine.dead = True
+    with pytest.raises(Unavailable) as err:
+        await gen.__anext__()
+    assert err.value.metadata == {"input_tokens": "3", "output_tokens": "2", "cached_input_tokens": "0"}
+    assert counted(svc) == (3, 2, 0)
+    assert svc.stats.classes[QueueClass.INTERACTIVE].failed_total == 1
+
+
+async def test_a_stopped_job_run_keeps_the_text_so_far() -> None:
+    engine = ScriptedEngine(gate=asyncio.Event())
+    svc = make_service(engine)
+    stop = asyncio.Event()
+    engine.gate.set()  # type: ignore[union-attr]
+    run = asyncio.ensure_future(svc.complete(req(sampling=Sampling(max_tokens=16)), stop=stop))
+    await until(lambda: bool(engine.requests))
+    await asyncio.sleep(0)
+    engine.gate.clear()  # type: ignore[union-attr]
+    stop.set()
+    text, summary = await run
+    assert summary.finish_reason is FinishReason.ABORT and 0 < summary.usage.output_tokens < 16
+    assert text == "".join(f"w{i} " for i in range(summary.usage.output_tokens))
+    assert counted(svc)[1] == summary.usage.output_tokens
