@@ -115,6 +115,7 @@ def build_worker(
             poll_s=settings.job_poll_s,
             queue_capacity=settings.async_queue_capacity,
             max_wait_s=settings.async_max_wait_s,
+            max_run_s=settings.job_max_run_s,
         ),
     )
     servicer = InferenceServicer(service=service, jobs=runner)

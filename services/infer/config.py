@@ -110,7 +110,10 @@ class InferSettings(ServiceSettings):
         description="Most async jobs queued (and most streamed async requests waiting) per worker tier.",
     )
     async_max_wait_s: float = Field(
-        default=3600.0, gt=0, description="Longest an async request or job may wait to start."
+        default=3600.0,
+        gt=0,
+        description="Longest an async request or job may wait to start; a job claimed later than this after its "
+        "submission (a takeover included) fails as expired.",
     )
     async_priority: int = Field(
         default=1, description="vLLM priority of async requests (must be > interactive_priority)."
@@ -132,6 +135,12 @@ class InferSettings(ServiceSettings):
     job_max_attempts: int = Field(default=3, ge=1, description="Claims before a job that keeps killing workers fails.")
     job_poll_s: float = Field(default=0.5, gt=0, description="Idle workers look for new or orphaned jobs this often.")
     job_result_ttl_s: float = Field(default=7 * 24 * 3600, gt=0, description="Finished jobs are kept this long.")
+    job_max_run_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="A job's run is stopped this long after it started; it succeeds with the text and usage so far "
+        "(finish reason ABORT). A job ends at most async_max_wait_s + job_max_run_s after its submission.",
+    )
 
     prices: PriceTable = Field(default_factory=PriceTable, description="Prices reported by ListModels.")
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from services.common.errors import ResourceExhausted
-from services.infer.domain import GenerationRequest, QueueClass, Sampling
+from services.common.attribution import Attribution
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.infer.domain import FinishReason, GenerationRequest, QueueClass, Sampling
 from services.infer.jobs.runner import JobRunner, RunnerSettings, decode_result
 from services.infer.jobs.sqlite import SqliteJobStore
 from services.infer.jobs.store import JobState
@@ -41,6 +42,7 @@ def runner_for(engine: ScriptedEngine, store: SqliteJobStore, **kw: float) -> Jo
         poll_s=0.02,
         queue_capacity=int(kw.pop("capacity", 10)),
         max_wait_s=kw.pop("max_wait_s", 3600.0),
+        max_run_s=kw.pop("max_run_s", 600.0),
     )
     runner = JobRunner(store=store, service=svc, settings=settings)
     RUNNERS.append(runner)
@@ -165,3 +167,61 @@ async def test_a_job_that_waited_too_long_fails_as_expired(store: SqliteJobStore
     j = await store.get(job_id)
     assert j is not None and "expired" in j.error
     await runner.stop()
+
+
+async def test_a_reclaimed_job_past_its_max_wait_fails_instead_of_running(store: SqliteJobStore) -> None:
+    engine = ScriptedEngine()
+    runner = runner_for(engine, store, max_wait_s=0.3)
+    job_id = (await runner.submit(job("orphan"))).job.job_id
+    dead = await store.claim("w-dead", max_attempts=3)  # started in time by a worker that then died
+    assert dead is not None and dead.job_id == job_id
+    await asyncio.sleep(0.4)
+    await asyncio.to_thread(_expire_leases, store._path)
+    runner.start()
+    await until_state(store, job_id, JobState.FAILED)
+    j = await store.get(job_id)
+    assert j is not None and "expired" in j.error and j.attempts == 2
+    assert engine.requests == []  # it never ran again
+    assert runner._stats.jobs_reclaimed_total == 1
+
+
+async def test_a_run_past_its_limit_is_stopped_and_keeps_what_it_generated(store: SqliteJobStore) -> None:
+    engine = ScriptedEngine(step_s=0.05)
+    runner = runner_for(engine, store, max_run_s=0.2)
+    job_id = (await runner.submit(job("long", max_tokens=16))).job.job_id
+    runner.start()
+    await until_state(store, job_id, JobState.SUCCEEDED)
+    j = await store.get(job_id)
+    assert j is not None
+    text, summary = decode_result(j.result)
+    assert summary.finish_reason is FinishReason.ABORT and 0 < summary.usage.output_tokens < 16
+    assert runner._stats.output_tokens_total == summary.usage.output_tokens  # counted, and billable from the result
+    assert text.count("w") == summary.usage.output_tokens
+
+
+async def test_settlement_and_lookup_answer_with_domain_errors(store: SqliteJobStore) -> None:
+    engine = ScriptedEngine(gate=asyncio.Event())
+    runner = runner_for(engine, store)
+    acme = GenerationRequest(
+        request_id="mine", prompt="one two", sampling=Sampling(max_tokens=2), attribution=Attribution(tenant="acme")
+    )
+    job_id = (await runner.submit(acme)).job.job_id
+    assert (await runner.find(job_id="", tenant="acme", request_id="mine")).job_id == job_id
+    for kw in ({"job_id": job_id, "tenant": "globex"}, {"job_id": "", "tenant": "globex"}):
+        with pytest.raises(NotFound):
+            await runner.find(request_id="mine", **kw)
+    with pytest.raises(FailedPrecondition):
+        await runner.mark_settled(job_id, "acme")  # still queued
+    runner.start()
+    engine.gate.set()  # type: ignore[union-attr]
+    await until_state(store, job_id, JobState.SUCCEEDED)
+    with pytest.raises(NotFound):
+        await runner.mark_settled(job_id, "globex")
+    assert await runner.mark_settled(job_id, "acme") is False
+    assert await runner.mark_settled(job_id, "") is True  # replayed (internal callers need no tenant)
+    with pytest.raises(NotFound):
+        await runner.mark_settled("job_missing", "")
+    page = await runner.list_jobs(unsettled_only=True, states=frozenset(), limit=10, page_token="")
+    assert page.jobs == []
+    with pytest.raises(InvalidArgument):
+        await runner.list_jobs(unsettled_only=False, states=frozenset(), limit=10, page_token="x")

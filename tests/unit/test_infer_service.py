@@ -36,6 +36,7 @@ class ScriptedEngine:
     cached: int = 0
     dead: bool = False
     gate: asyncio.Event | None = None
+    step_s: float = 0.0  # time per token
     requests: list[EngineRequest] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     gauges: EngineGauges = field(default_factory=EngineGauges)
@@ -70,7 +71,7 @@ class ScriptedEngine:
             finally:
                 for w in waits:
                     w.cancel()
-        await asyncio.sleep(0)
+        await asyncio.sleep(self.step_s)
         return stop is not None and stop.is_set()
 
     async def generate(

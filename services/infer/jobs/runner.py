@@ -5,8 +5,17 @@ from the store → run it through the same ``InferenceService.generate`` path as
 meanwhile → ``complete`` with the claim's token. A completion refused by the store (another worker took the job over
 after this one's lease ran out) is dropped: only one completion of a job ever counts.
 
-On a dead engine the job is released for another worker at once; on shutdown running jobs are aborted in the engine
-and released. A job that waited longer than ``max_wait_s`` before anyone started it fails as expired.
+On a dead engine the job is released for another worker at once; on shutdown running jobs are stopped in the engine
+and released.
+
+Time bounds (every claim, first or a takeover after a worker died): a job claimed more than ``max_wait_s`` after its
+submission fails as expired instead of running, and a run is stopped ``max_run_s`` after it started — it then
+succeeds with the text and usage generated so far (finish reason ABORT), so those tokens are billed. A job therefore
+ends at most ``max_wait_s + max_run_s`` after its submission once a worker has claimed it (plus the lease, when its
+worker dies at the very end).
+
+Stopping a run (lease lost, shutdown, run limit) goes through the generation's stop signal, not a cancellation, so
+the tokens it generated are counted in the worker's stats like any others.
 """
 
 from __future__ import annotations
@@ -18,9 +27,29 @@ from dataclasses import dataclass
 
 import structlog
 
-from services.common.errors import InvalidArgument, QuotaViolation, ResourceExhausted, Unavailable
+from services.common.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    QuotaViolation,
+    ResourceExhausted,
+    Unavailable,
+)
 from services.infer.domain import GenerationRequest, GenerationSummary, QueueClass
-from services.infer.jobs.store import Claim, Job, JobSpec, JobStore, QueueFull, SubmitResult, now_ms
+from services.infer.jobs.store import (
+    BadPageToken,
+    Claim,
+    Job,
+    JobPage,
+    JobSpec,
+    JobState,
+    JobStore,
+    QueueFull,
+    Settle,
+    SubmitResult,
+    now_ms,
+)
 from services.infer.metrics import job_span
 from services.infer.scheduler import Slot
 from services.infer.service import InferenceService
@@ -35,6 +64,9 @@ class RunnerSettings:
     poll_s: float = 0.5
     queue_capacity: int = 1000
     max_wait_s: float = 3600.0
+    max_run_s: float = 600.0
+    #: How long a stopped run may take to hand back its summary before it is cancelled outright.
+    stop_grace_s: float = 5.0
 
 
 def encode_result(text: str, summary: GenerationSummary) -> str:
@@ -94,6 +126,45 @@ class JobRunner:
     async def get(self, job_id: str) -> Job | None:
         return await self._store.get(job_id)
 
+    async def find(self, *, job_id: str, tenant: str, request_id: str) -> Job:
+        """A job by id (``tenant`` checked when given) or by (tenant, request_id); NOT_FOUND for another tenant's."""
+        if job_id:
+            job = await self._store.get(job_id)
+            if job is None or (tenant and tenant != job.tenant):
+                raise NotFound(f"no job {job_id!r}", reason="JOB_NOT_FOUND")
+            return job
+        job = await self._store.get_by_request(tenant, request_id)
+        if job is None:
+            raise NotFound(f"no job for request_id {request_id!r}", reason="JOB_NOT_FOUND")
+        return job
+
+    async def mark_settled(self, job_id: str, tenant: str) -> bool:
+        """Record that a finished job's reservation was settled; True when it already was (idempotent)."""
+        job = await self._store.get(job_id)
+        if job is None or (tenant and tenant != job.tenant):
+            raise NotFound(f"no job {job_id!r}", reason="JOB_NOT_FOUND")
+        outcome = await self._store.mark_settled(job_id)
+        if outcome is Settle.NOT_FOUND:  # expired in between
+            raise NotFound(f"no job {job_id!r}", reason="JOB_NOT_FOUND")
+        if outcome is Settle.NOT_FINISHED:
+            raise FailedPrecondition(
+                f"job {job_id!r} is not finished; only a finished job can be settled", reason="JOB_NOT_FINISHED"
+            )
+        return outcome is Settle.REPLAYED
+
+    async def list_jobs(
+        self, *, unsettled_only: bool, states: frozenset[JobState], limit: int, page_token: str
+    ) -> JobPage:
+        try:
+            return await self._store.list_jobs(
+                unsettled_only=unsettled_only, states=states, limit=limit, page_token=page_token
+            )
+        except BadPageToken:
+            raise InvalidArgument(
+                "bad page_token",
+                violations=[FieldViolation("page_token", "not a token from a previous ListJobs response")],
+            ) from None
+
     # --- worker side ---
 
     def start(self) -> None:
@@ -152,37 +223,47 @@ class JobRunner:
 
     async def _execute(self, claim: Claim, slot: Slot) -> None:
         job = claim.job
+        s = self._settings
         if claim.reclaimed:
             self._stats.jobs_reclaimed_total += 1
         log.info("job_started", job_id=job.job_id, attempt=job.attempts, reclaimed=claim.reclaimed)
         waited_s = (now_ms() - job.created_unix_ms) / 1000
-        if job.attempts == 1 and waited_s > self._settings.max_wait_s:
+        if waited_s > s.max_wait_s:  # every claim: a takeover long after the submission does not run either
             slot.release()
             await self._fail(
-                claim, f"expired: waited {waited_s:.0f}s in the queue (limit {self._settings.max_wait_s:g}s)"
+                claim,
+                f"expired: not started within {s.max_wait_s:g}s of its submission "
+                f"(claimed after {waited_s:.0f}s, attempt {job.attempts})",
             )
             return
         lost = asyncio.Event()
+        stop = asyncio.Event()
         keeper = asyncio.create_task(self._keep_lease(claim, lost))
         run: asyncio.Task[tuple[str, GenerationSummary]] | None = None
         try:
             request = GenerationRequest.from_json(job.payload)
-            run = asyncio.create_task(self._service.complete(request, slot=slot))
+            run = asyncio.create_task(self._service.complete(request, slot=slot, stop=stop))
             lost_wait = asyncio.create_task(lost.wait())
             try:
-                done, _ = await asyncio.wait({run, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({run, lost_wait}, timeout=s.max_run_s, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 lost_wait.cancel()
-            if run not in done:  # another worker owns the job now: stop spending the engine on it
-                await _cancel(run)
-                self._stats.jobs_fenced_total += 1
-                log.warning("job_lease_lost", job_id=job.job_id)
-                return
-            text, summary = run.result()
+            if run not in done:
+                # Another worker owns the job now, or it ran past max_run_s: stop spending the engine on it.
+                await self._stop_run(run, stop)
+                if lost.is_set():
+                    self._stats.jobs_fenced_total += 1
+                    log.warning("job_lease_lost", job_id=job.job_id)
+                    return
+                log.warning("job_run_limit", job_id=job.job_id, max_run_s=s.max_run_s)
+                if run.cancelled():
+                    await self._fail(claim, f"ran past the run limit ({s.max_run_s:g}s) and did not stop")
+                    return
+            text, summary = run.result()  # stopped at the run limit: the text and usage so far, finish reason ABORT
         except asyncio.CancelledError:
-            # Shutdown: abort the engine request, then hand the job back for another worker.
+            # Shutdown: stop the engine request (its tokens counted), then hand the job back for another worker.
             if run is not None:
-                await _cancel(run)
+                await asyncio.shield(self._stop_run(run, stop))
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._store.release(claim))
             raise
@@ -211,13 +292,23 @@ class JobRunner:
             self._stats.jobs_fenced_total += 1
             log.warning("job_completion_fenced", job_id=job.job_id, attempt=job.attempts)
 
+    async def _stop_run(self, run: asyncio.Task[tuple[str, GenerationSummary]], stop: asyncio.Event) -> None:
+        """Stop a generation through its stop signal (it ends with its summary, its tokens counted); cancel it only
+        when it does not end within ``stop_grace_s``."""
+        stop.set()
+        await asyncio.wait({run}, timeout=self._settings.stop_grace_s)  # whatever the run's outcome, never raises
+        if not run.done():
+            await _cancel(run)
+        elif not run.cancelled():
+            run.exception()  # retrieved: an error of a run given up on is not worth a warning
+
     async def _fail(self, claim: Claim, error: str) -> None:
         if await self._store.fail(claim, error):
             self._stats.jobs_failed_total += 1
             log.warning("job_failed", job_id=claim.job_id, error=error)
 
     async def stop(self) -> None:
-        """Stop taking jobs; abort the running ones in the engine and hand them back to the queue."""
+        """Stop taking jobs; stop the running ones in the engine and hand them back to the queue."""
         self._stopping = True
         self._wake.set()
         if self._loop_task is not None:

@@ -15,12 +15,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from services.infer.jobs.store import (
+    PAGE_MAX_BYTES,
+    BadPageToken,
     Claim,
     Job,
+    JobPage,
     JobSpec,
     JobState,
     QueueFull,
+    Settle,
     SubmitResult,
+    job_bytes,
     new_job_id,
     new_token,
     now_ms,
@@ -45,15 +50,26 @@ CREATE TABLE IF NOT EXISTS jobs (
     result TEXT NOT NULL DEFAULT '',
     error TEXT NOT NULL DEFAULT '',
     seq INTEGER NOT NULL,
+    settled INTEGER NOT NULL DEFAULT 0,
     UNIQUE (tenant, request_id)
 );
+"""
+
+# After the migration below (an older file has no `settled` column yet). jobs_seq: submission order (ListJobs, and
+# MAX(seq) at submit); jobs_unsettled: the partial index ListJobs(unsettled_only) walks, small however long the history.
+_INDEXES = """
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (state, seq);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_ms) WHERE finished_ms > 0;
+CREATE INDEX IF NOT EXISTS jobs_seq ON jobs (seq);
+CREATE INDEX IF NOT EXISTS jobs_unsettled ON jobs (seq) WHERE settled = 0;
 """
 
 _COLUMNS = (
-    "job_id, request_id, tenant, state, payload, metadata, attempts, created_ms, finished_ms, result, error, worker"
+    "job_id, request_id, tenant, state, payload, metadata, attempts, created_ms, finished_ms, result, error, worker, "
+    "settled"
 )
+#: What ListJobs reads: no payload (the prompt), plus the order column.
+_LIST_COLUMNS = _COLUMNS.replace("payload", "'' AS payload") + ", seq"
 
 
 def _row_to_job(row: tuple[Any, ...]) -> Job:
@@ -70,7 +86,16 @@ def _row_to_job(row: tuple[Any, ...]) -> Job:
         result=row[9],
         error=row[10],
         worker=row[11],
+        settled=bool(row[12]),
     )
+
+
+def _parse_token(token: str) -> int:
+    if not token:
+        return 0
+    if not token.isdigit() or len(token) > 19:
+        raise BadPageToken("not a page token of this store")
+    return int(token)
 
 
 class SqliteJobStore:
@@ -90,6 +115,10 @@ class SqliteJobStore:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA busy_timeout=10000")
         self._conn.executescript(_SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(jobs)")}
+        if "settled" not in columns:  # a file from before settlement was recorded: every job starts unsettled
+            self._conn.execute("ALTER TABLE jobs ADD COLUMN settled INTEGER NOT NULL DEFAULT 0")
+        self._conn.executescript(_INDEXES)
         self._lock = threading.Lock()
         self._ttl_ms = int(result_ttl_s * 1000)
         self._now = clock_ms
@@ -154,6 +183,66 @@ class SqliteJobStore:
             return None if row is None else _row_to_job(row)
 
         return await self._run(body)
+
+    async def get_by_request(self, tenant: str, request_id: str) -> Job | None:
+        def body(conn: sqlite3.Connection) -> Job | None:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE tenant = ? AND request_id = ?", (tenant, request_id)
+            ).fetchone()
+            return None if row is None else _row_to_job(row)
+
+        return await self._run(body)
+
+    async def mark_settled(self, job_id: str) -> Settle:
+        def body(conn: sqlite3.Connection) -> Settle:
+            row = conn.execute("SELECT state, settled FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if row is None:
+                return Settle.NOT_FOUND
+            if not JobState(row[0]).finished:
+                return Settle.NOT_FINISHED
+            if row[1]:
+                return Settle.REPLAYED
+            conn.execute("UPDATE jobs SET settled = 1 WHERE job_id = ?", (job_id,))
+            return Settle.SETTLED
+
+        return await self._run(lambda conn: self._tx(conn, body))
+
+    async def list_jobs(
+        self,
+        *,
+        unsettled_only: bool = False,
+        states: frozenset[JobState] = frozenset(),
+        limit: int = 100,
+        page_token: str = "",
+        max_bytes: int = PAGE_MAX_BYTES,
+    ) -> JobPage:
+        after = _parse_token(page_token)
+        where = ["seq > ?"]
+        args: list[Any] = [after]
+        if unsettled_only:
+            where.append("settled = 0")  # the partial index jobs_unsettled
+        if states:
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            args += sorted(s.value for s in states)
+        sql = f"SELECT {_LIST_COLUMNS} FROM jobs WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"
+        args.append(limit + 1)
+
+        def body(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return list(conn.execute(sql, args).fetchall())
+
+        rows = await self._run(body)
+        jobs: list[Job] = []
+        size = 0
+        last_seq = after
+        for row in rows[:limit]:
+            job = _row_to_job(row)
+            size += job_bytes(job)
+            if jobs and size > max_bytes:
+                break
+            jobs.append(job)
+            last_seq = int(row[13])
+        more = len(jobs) < len(rows)
+        return JobPage(jobs, str(last_seq) if more else "")
 
     async def claim(self, worker: str, *, max_attempts: int) -> Claim | None:
         lease_s = self._lease_s

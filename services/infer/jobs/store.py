@@ -7,6 +7,12 @@ has run out another worker's ``claim`` takes the job over with a new token (Redi
 pending entry; SQLite: an expired ``lease_until``). ``complete`` / ``fail`` / ``release`` only act while the caller's
 token is still the job's token, so a worker that lost its lease can never finish a job a second time: exactly one
 completion wins (fencing). A job claimed ``max_attempts`` times without finishing fails instead of running again.
+
+Settlement: every job is *unsettled* from its submission until ``mark_settled`` records (durably, once it finished)
+that whoever reserved money for it has committed or released that reservation. ``list_jobs(unsettled_only=True)``
+reads an index of the unsettled jobs only — not the whole history — so a router can find, oldest first, the finished
+jobs still to bill and the running ones whose reservation to renew. Finished jobs, settled or not, are kept for the
+store's result TTL.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ class Job:
     result: str = ""  # opaque (the serialized text + summary) when SUCCEEDED
     error: str = ""  # when FAILED
     worker: str = ""  # last worker that claimed it
+    settled: bool = False  # mark_settled recorded its settlement
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +92,32 @@ class SubmitResult:
     replayed: bool
 
 
+class Settle(StrEnum):
+    """What ``mark_settled`` did."""
+
+    SETTLED = "settled"  # recorded now
+    REPLAYED = "replayed"  # it was already settled
+    NOT_FINISHED = "not_finished"  # QUEUED or RUNNING: nothing to settle yet
+    NOT_FOUND = "not_found"
+
+
+class BadPageToken(ValueError):
+    """A ``page_token`` this store did not issue."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobPage:
+    """One page of ``list_jobs``: the jobs (oldest first; ``payload`` left empty) and where the next page starts
+    ("" = no more)."""
+
+    jobs: list[Job]
+    next_page_token: str
+
+
+#: A page stops growing once its jobs' results, errors and metadata pass this many bytes (under gRPC's 4 MiB).
+PAGE_MAX_BYTES = 2 * 1024 * 1024
+
+
 class JobStore(Protocol):
     async def submit(self, spec: JobSpec, *, capacity: int) -> SubmitResult:
         """Persist a QUEUED job, or return the existing one for the same (tenant, request_id).
@@ -94,6 +127,31 @@ class JobStore(Protocol):
         ...
 
     async def get(self, job_id: str) -> Job | None: ...
+
+    async def get_by_request(self, tenant: str, request_id: str) -> Job | None:
+        """The job submitted with this (tenant, request_id), while it is kept."""
+        ...
+
+    async def mark_settled(self, job_id: str) -> Settle:
+        """Record, durably, that a finished job's reservation was settled (idempotent: REPLAYED the second time)."""
+        ...
+
+    async def list_jobs(
+        self,
+        *,
+        unsettled_only: bool = False,
+        states: frozenset[JobState] = frozenset(),
+        limit: int = 100,
+        page_token: str = "",
+        max_bytes: int = PAGE_MAX_BYTES,
+    ) -> JobPage:
+        """Jobs oldest first (by submission), only unsettled ones when asked, only in ``states`` when not empty.
+
+        At most ``limit`` per page, fewer when their results pass ``max_bytes`` (at least one). A page may also come
+        back short — even empty — with a next token, when the store bounded the work of one call; an empty
+        ``next_page_token`` means there are no more. Raises ``BadPageToken`` for a token it did not issue.
+        """
+        ...
 
     @property
     def lease_s(self) -> float:
@@ -132,6 +190,11 @@ class JobStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+def job_bytes(job: Job) -> int:
+    """Roughly what a job weighs in a ListJobs page."""
+    return len(job.result) + len(job.error) + len(job.metadata) + 256
 
 
 def new_job_id() -> str:
