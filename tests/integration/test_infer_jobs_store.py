@@ -234,7 +234,6 @@ async def test_list_jobs_pages_oldest_first_with_filters(store: JobStore) -> Non
     ids = []
     for i in range(5):
         ids.append((await store.submit(spec(i), capacity=10)).job.job_id)
-        await asyncio.sleep(0.002)  # distinct submission times (the Redis index orders by them)
     succeeded = await finish(store)  # job 0
     failed = await finish(store, fail=True)  # job 1
     assert await store.mark_settled(succeeded.job_id) is Settle.SETTLED
@@ -274,7 +273,6 @@ async def test_list_jobs_pages_oldest_first_with_filters(store: JobStore) -> Non
 async def test_a_page_stops_at_its_byte_budget(store: JobStore) -> None:
     for i in range(3):
         await store.submit(spec(i), capacity=10)
-        await asyncio.sleep(0.002)
     for _ in range(3):
         claim = await store.claim("w1", max_attempts=3)
         assert claim is not None and await store.complete(claim, "x" * 10_000)

@@ -6,7 +6,8 @@ Keys of one queue share the hash tag ``{<queue>}`` so every script touches one s
     costmesh:infer:{cheap}:job:<job_id>        hash: state, payload, attempts, token, result, ...
     costmesh:infer:{cheap}:idem:<tenant>:<rid> job id for an idempotency key
     costmesh:infer:{cheap}:queued              number of QUEUED jobs (capacity check, queue depth)
-    costmesh:infer:{cheap}:jobs                sorted set of every kept job by submission time (ListJobs)
+    costmesh:infer:{cheap}:seq                 submission counter (the score of the two indexes below)
+    costmesh:infer:{cheap}:jobs                sorted set of every kept job in submission order (ListJobs)
     costmesh:infer:{cheap}:unsettled           the same, only jobs whose settlement is not recorded (ListJobs)
     costmesh:infer:{cheap}:expiry              finished jobs by the time their hash expires (trims the two above)
 
@@ -14,7 +15,7 @@ New work is read with ``XREADGROUP ... >``; a job whose worker died stays in the
 once idle longer than the lease, is taken over with ``XAUTOCLAIM``. A running worker renews its lease by resetting
 the entry's idle time (``XCLAIM ... JUSTID``). Every state change is one Lua script that checks the claim token first.
 
-The two listing indexes are sorted sets scored by submission time (ties in job id order). A finished job's hash
+The two listing indexes are sorted sets scored by a submission counter (exact order). A finished job's hash
 expires ``result_ttl_s`` after it finished; the same script that sets that expiry files the job in ``expiry``, and each
 submission removes up to 16 expired jobs from the indexes, so they hold only kept jobs (a listing also drops any entry
 whose hash is gone). ``mark_settled`` removes the job from ``unsettled`` in the same script that sets its flag.
@@ -46,7 +47,7 @@ from services.infer.jobs.store import (
 
 GROUP = "workers"
 
-# KEYS: idem, job, stream, queued, jobs, unsettled, expiry
+# KEYS: idem, job, stream, queued, jobs, unsettled, expiry, seq
 # ARGV: job_id, capacity, request_id, tenant, payload, metadata, created_ms
 _SUBMIT = """
 local gone = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', ARGV[7], 'LIMIT', 0, 16)
@@ -66,8 +67,9 @@ local entry = redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
 redis.call('HSET', KEYS[2], 'entry', entry)
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('INCR', KEYS[4])
-redis.call('ZADD', KEYS[5], ARGV[7], ARGV[1])
-redis.call('ZADD', KEYS[6], ARGV[7], ARGV[1])
+local seq = redis.call('INCR', KEYS[8])
+redis.call('ZADD', KEYS[5], seq, ARGV[1])
+redis.call('ZADD', KEYS[6], seq, ARGV[1])
 return {'new', ARGV[1]}
 """
 
@@ -178,17 +180,13 @@ def _job_from_hash(h: dict[str, str]) -> Job:
     )
 
 
-def _token(cursor: tuple[int, str] | None) -> str:
-    return "" if cursor is None else f"{cursor[0]}:{cursor[1]}"
-
-
-def _parse_token(token: str) -> tuple[int, str] | None:
+def _parse_token(token: str) -> int:
+    """A page token is the submission number of the last job the previous page covered."""
     if not token:
-        return None
-    score, _, job_id = token.partition(":")
-    if not score.isdigit() or len(score) > 19 or not job_id or len(job_id) > 128:
+        return 0
+    if not token.isdigit() or len(token) > 19:
         raise BadPageToken("not a page token of this store")
-    return int(score), job_id
+    return int(token)
 
 
 class RedisJobStore:
@@ -209,6 +207,7 @@ class RedisJobStore:
         self._all = f"{self._base}:jobs"
         self._unsettled = f"{self._base}:unsettled"
         self._expiry = f"{self._base}:expiry"
+        self._seq = f"{self._base}:seq"
         self._ttl_s = max(1, int(result_ttl_s))
         self._submit = client.register_script(_SUBMIT)
         self._start = client.register_script(_START)
@@ -260,6 +259,7 @@ class RedisJobStore:
             self._all,
             self._unsettled,
             self._expiry,
+            self._seq,
         ]
         args: list[str | int] = [job_id, capacity, spec.request_id, spec.tenant, spec.payload, spec.metadata, created]
         kind, value = await self._submit(keys=keys, args=args)
@@ -312,45 +312,36 @@ class RedisJobStore:
                     pipe.hmget(self._job_key(job_id), _LIST_FIELDS)
                 rows: list[list[str | None]] = await pipe.execute()
             gone: list[str] = []
+            full = False
             for (job_id, score), row in zip(batch, rows, strict=True):
                 if row[0] is None:  # expired before the index was trimmed
                     gone.append(job_id)
-                    cursor = (score, job_id)
+                    cursor = score
                     continue
                 job = _job_from_hash({k: v for k, v in zip(_LIST_FIELDS, row, strict=True) if v is not None})
                 if (states and job.state not in states) or (unsettled_only and job.settled):
-                    cursor = (score, job_id)
+                    cursor = score
                     continue
                 size += job_bytes(job)
                 if jobs and size > max_bytes:
-                    return JobPage(jobs, _token(cursor))
+                    full = True
+                    break
                 jobs.append(job)
-                cursor = (score, job_id)
+                cursor = score
                 if len(jobs) == limit:
                     break
             if gone:
                 await self._r.zrem(self._all, *gone)
                 await self._r.zrem(self._unsettled, *gone)
+            if full:  # by bytes: the next page starts at the job left out
+                return JobPage(jobs, str(cursor))
         more = bool(await self._after(index, cursor, 1))
-        return JobPage(jobs, _token(cursor) if more and cursor is not None else "")
+        return JobPage(jobs, str(cursor) if more else "")
 
-    async def _after(self, index: str, cursor: tuple[int, str] | None, count: int) -> list[tuple[str, int]]:
-        """Up to ``count`` (job id, score) entries of ``index`` after ``cursor``, in index order."""
-        if cursor is None:
-            first: Any = await self._r.zrange(index, 0, count - 1, withscores=True)
-            return [(str(m), int(sc)) for m, sc in first]
-        out: list[tuple[str, int]] = []
-        offset = 0
-        while len(out) < count:
-            # From the cursor's score on; entries of the same score up to the cursor's id are skipped.
-            batch: Any = await self._r.zrangebyscore(
-                index, cursor[0], "+inf", start=offset, num=count + 16, withscores=True
-            )
-            if not batch:
-                break
-            offset += len(batch)
-            out += [(str(m), int(sc)) for m, sc in batch if (int(sc), str(m)) > cursor]
-        return out[:count]
+    async def _after(self, index: str, cursor: int, count: int) -> list[tuple[str, int]]:
+        """Up to ``count`` (job id, submission number) entries of ``index`` after ``cursor``, in submission order."""
+        found: Any = await self._r.zrangebyscore(index, f"({cursor}", "+inf", start=0, num=count, withscores=True)
+        return [(str(m), int(sc)) for m, sc in found]
 
     async def _next_entry(self, worker: str) -> tuple[str, str, bool] | None:
         """(entry id, job id, reclaimed) of an orphaned entry idle past the lease, else of a new entry."""
