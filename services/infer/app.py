@@ -55,7 +55,10 @@ def build_store(settings: InferSettings) -> JobStore:
         from services.infer.jobs.redis import RedisJobStore
 
         return RedisJobStore.from_url(
-            settings.redis_url, queue=settings.queue_name, result_ttl_s=settings.job_result_ttl_s
+            settings.redis_url,
+            queue=settings.queue_name,
+            lease_s=settings.job_lease_s,
+            result_ttl_s=settings.job_result_ttl_s,
         )
     from services.infer.jobs.sqlite import SqliteJobStore
 
