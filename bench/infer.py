@@ -166,7 +166,7 @@ def grpc_sender(
         )
         try:
             last = r.start
-            async for chunk in stub.Generate(req, timeout=600):
+            async for chunk in stub.Generate(iter((req,)), timeout=600):  # bidi: one request, half-closed
                 now = time.perf_counter()
                 if chunk.token_count:
                     if r.output_tokens == 0:
@@ -412,7 +412,7 @@ async def caching(stub: Any, system: str, n: int) -> dict[str, Any]:
             sampling=common_pb2.SamplingParams(max_tokens=16, temperature=0.0),
             attribution=common_pb2.Attribution(tenant="bench"),
         )
-        async for chunk in stub.Generate(req, timeout=600):
+        async for chunk in stub.Generate(iter((req,)), timeout=600):  # bidi: one request, half-closed
             if chunk.token_count and r.output_tokens == 0:
                 r.ttft = time.perf_counter() - r.start
             r.output_tokens += chunk.token_count

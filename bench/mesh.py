@@ -140,7 +140,7 @@ class Driver:
         req = infer_pb2.GenerateRequest(
             request_id=f"d-{tag}-{i}", messages=user(f"direct {tag} {i}: what is {i} plus {i}?"), sampling=sampling()
         )
-        async for _ in self.infer.Generate(req, timeout=120):
+        async for _ in self.infer.Generate(iter((req,)), timeout=120):  # bidi: one request, half-closed
             pass
 
     async def miss(self, i: int, tag: str) -> None:

@@ -315,10 +315,24 @@ class AttributionBaggageInterceptor(WrappingInterceptor):
             # closed from another context, where detaching fails (and OpenTelemetry logs an error). The task ends
             # with the call, and an outer interceptor's detach restores what was there before.
             otel_context.attach(_call_context(request, context))
+            if hasattr(request, "__aiter__"):  # a streamed request: its first message's attribution, once read
+                request = _attributed_from_first(request, context)
             async for item in behavior(request, context):
                 yield item
 
         return wrapped
+
+
+async def _attributed_from_first(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+    """The request stream; reading its first message attaches that message's attribution (over the baggage) to the
+    reader's context — the handler's task, which reads the first message itself (an async generator runs in the
+    context of whoever iterates it)."""
+    first = True
+    async for message in requests:
+        if first:
+            first = False
+            otel_context.attach(_call_context(message, context))
+        yield message
 
 
 def _encode_baggage(entries: tuple[tuple[str, object], ...]) -> str:

@@ -78,6 +78,6 @@ def get_job(
         async with grpc.aio.insecure_channel(target) as channel:
             stub = infer_pb2_grpc.InferenceServiceStub(channel)
             reply = await stub.GetJob(infer_pb2.GetJobRequest(job_id=job_id), timeout=timeout_s)
-            return MessageToDict(reply)
+            return MessageToDict(reply.job)
 
     typer.echo(json.dumps(asyncio.run(run()), indent=2))

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import structlog
+
 from costmesh.common.v1 import common_pb2
 from costmesh.infer.v1 import infer_pb2, infer_pb2_grpc
 from services.common.attribution import Attribution, from_metadata
-from services.common.errors import NotFound, Validator
+from services.common.errors import FieldViolation, InvalidArgument, Validator
 from services.common.pricing import TokenUsage
 from services.common.spans import current_traceparent
 from services.infer.domain import (
@@ -25,6 +28,8 @@ from services.infer.jobs.runner import JobRunner, decode_result
 from services.infer.jobs.store import Job, JobState
 from services.infer.metrics import annotate_submission
 from services.infer.service import InferenceService
+
+log = structlog.get_logger("costmesh.infer")
 
 MAX_METADATA_BYTES = 4096
 
@@ -49,6 +54,11 @@ _JOB_STATE = {
     JobState.FAILED: common_pb2.JOB_STATE_FAILED,
     JobState.CANCELLED: common_pb2.JOB_STATE_CANCELLED,
 }
+
+
+_JOB_STATE_FROM_PROTO = {v: k for k, v in _JOB_STATE.items()}
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
 
 
 def _messages(msgs: Any) -> tuple[Message, ...]:
@@ -96,35 +106,69 @@ def usage_to_proto(u: TokenUsage) -> common_pb2.Usage:
     )
 
 
+async def _watch_for_stop(requests: AsyncIterator[infer_pb2.GenerateRequest], stop: asyncio.Event) -> None:
+    """Set ``stop`` when a message with ``stop`` arrives. A half-close without one changes nothing; messages without
+    ``stop`` are ignored; a request stream that breaks (a later message refused) stops the generation too."""
+    try:
+        async for message in requests:
+            if message.stop:
+                stop.set()
+                return
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # any broken request stream ends the generation (its tokens are still counted)
+        log.info("generate_request_stream_broken", exc_info=True)
+        stop.set()
+
+
 class InferenceServicer(infer_pb2_grpc.InferenceServiceServicer):
     def __init__(self, *, service: InferenceService, jobs: JobRunner) -> None:
         self._service = service
         self._jobs = jobs
 
     async def Generate(
-        self, request: infer_pb2.GenerateRequest, context: Any
+        self, request_iterator: AsyncIterator[infer_pb2.GenerateRequest], context: Any
     ) -> AsyncIterator[infer_pb2.GenerateResponse]:
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None or first.stop:
+            raise InvalidArgument(
+                "the first GenerateRequest must carry the request",
+                violations=[
+                    FieldViolation("stop", "only a later message may stop the generation")
+                    if first is not None
+                    else FieldViolation("request_id", "no request was sent", "EMPTY")
+                ],
+            )
         req = GenerationRequest(
-            request_id=request.request_id,
-            messages=_messages(request.messages),
-            prompt=request.prompt,
-            sampling=_sampling(request.sampling, ignore_eos=request.ignore_eos),
+            request_id=first.request_id,
+            messages=_messages(first.messages),
+            prompt=first.prompt,
+            sampling=_sampling(first.sampling, ignore_eos=first.ignore_eos),
             queue_class=QueueClass.ASYNC
-            if request.queue_class == common_pb2.QUEUE_CLASS_ASYNC
+            if first.queue_class == common_pb2.QUEUE_CLASS_ASYNC
             else QueueClass.INTERACTIVE,
-            attribution=_attribution(request.attribution, context),
-            tier=_tier(request.tier),
+            attribution=_attribution(first.attribution, context),
+            tier=_tier(first.tier),
         )
-        # A cancelled call or a passed deadline cancels this handler; closing the stream aborts the engine request.
-        stream = self._service.generate(req)
-        async with contextlib.aclosing(stream):
-            async for event in stream:
-                if isinstance(event, Finished):
-                    yield infer_pb2.GenerateResponse(
-                        text=event.text, token_count=event.token_count, summary=summary_to_proto(event.summary)
-                    )
-                else:
-                    yield infer_pb2.GenerateResponse(text=event.text, token_count=event.token_count)
+        # A later message with `stop` ends the generation with its summary; the domain does the stopping.
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(_watch_for_stop(requests, stop), name="generate-stop-watch")
+        try:
+            # A cancelled call or a passed deadline cancels this handler; closing the stream aborts the engine request.
+            stream = self._service.generate(req, stop=stop)
+            async with contextlib.aclosing(stream):
+                async for event in stream:
+                    if isinstance(event, Finished):
+                        yield infer_pb2.GenerateResponse(
+                            text=event.text, token_count=event.token_count, summary=summary_to_proto(event.summary)
+                        )
+                    else:
+                        yield infer_pb2.GenerateResponse(text=event.text, token_count=event.token_count)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
     async def SubmitJob(self, request: infer_pb2.SubmitJobRequest, context: Any) -> infer_pb2.SubmitJobResponse:
         v = Validator()
@@ -144,17 +188,50 @@ class InferenceServicer(infer_pb2_grpc.InferenceServiceServicer):
         result = await self._jobs.submit(req, metadata=request.metadata)
         annotate_submission(req, result.job.job_id)
         return infer_pb2.SubmitJobResponse(
-            job_id=result.job.job_id, state=_JOB_STATE[result.job.state], replayed=result.replayed
+            job_id=result.job.job_id,
+            state=_JOB_STATE[result.job.state],
+            replayed=result.replayed,
+            metadata=result.job.metadata,
         )
 
     async def GetJob(self, request: infer_pb2.GetJobRequest, context: Any) -> infer_pb2.GetJobResponse:
         v = Validator()
-        v.require(bool(request.job_id), "job_id", "required")
+        if not request.job_id:
+            v.require(bool(request.request_id), "job_id", "required (or request_id with tenant)")
+            v.require(bool(request.tenant) or not request.request_id, "tenant", "required with request_id")
         v.raise_if_any("invalid GetJobRequest")
-        job = await self._jobs.get(request.job_id)
-        if job is None or (request.tenant and request.tenant != job.tenant):
-            raise NotFound(f"no job {request.job_id!r}", reason="JOB_NOT_FOUND")
-        return job_to_proto(job)
+        job = await self._jobs.find(job_id=request.job_id, tenant=request.tenant, request_id=request.request_id)
+        return infer_pb2.GetJobResponse(job=job_to_proto(job))
+
+    async def ListJobs(self, request: infer_pb2.ListJobsRequest, context: Any) -> infer_pb2.ListJobsResponse:
+        v = Validator()
+        v.require(request.page_size <= MAX_PAGE_SIZE, "page_size", f"at most {MAX_PAGE_SIZE}")
+        states: set[JobState] = set()
+        for i, value in enumerate(request.states):
+            state = _JOB_STATE_FROM_PROTO.get(value)
+            if state is None:
+                v.add(f"states[{i}]", "not a job state")
+            else:
+                states.add(state)
+        v.raise_if_any("invalid ListJobsRequest")
+        page = await self._jobs.list_jobs(
+            unsettled_only=request.unsettled_only,
+            states=frozenset(states),
+            limit=request.page_size or DEFAULT_PAGE_SIZE,
+            page_token=request.page_token,
+        )
+        return infer_pb2.ListJobsResponse(
+            jobs=[job_to_proto(job) for job in page.jobs], next_page_token=page.next_page_token
+        )
+
+    async def MarkJobSettled(
+        self, request: infer_pb2.MarkJobSettledRequest, context: Any
+    ) -> infer_pb2.MarkJobSettledResponse:
+        v = Validator()
+        v.require(bool(request.job_id), "job_id", "required")
+        v.raise_if_any("invalid MarkJobSettledRequest")
+        replayed = await self._jobs.mark_settled(request.job_id, request.tenant)
+        return infer_pb2.MarkJobSettledResponse(replayed=replayed)
 
     async def ListModels(self, request: infer_pb2.ListModelsRequest, context: Any) -> infer_pb2.ListModelsResponse:
         card = self._service.model_card()
@@ -179,8 +256,8 @@ class InferenceServicer(infer_pb2_grpc.InferenceServiceServicer):
         )
 
 
-def job_to_proto(job: Job) -> infer_pb2.GetJobResponse:
-    reply = infer_pb2.GetJobResponse(
+def job_to_proto(job: Job) -> infer_pb2.Job:
+    reply = infer_pb2.Job(
         job_id=job.job_id,
         state=_JOB_STATE[job.state],
         error=job.error,
@@ -188,6 +265,9 @@ def job_to_proto(job: Job) -> infer_pb2.GetJobResponse:
         created_unix_ms=job.created_unix_ms,
         finished_unix_ms=job.finished_unix_ms,
         metadata=job.metadata,
+        request_id=job.request_id,
+        tenant=job.tenant,
+        settled=job.settled,
     )
     if job.state is JobState.SUCCEEDED and job.result:
         text, summary = decode_result(job.result)

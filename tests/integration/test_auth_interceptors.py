@@ -13,7 +13,9 @@ from typing import Any
 import grpc
 import pytest
 
-from services.common.auth import ApiKey, AuthSettings, Role, digest
+from costmesh.common.v1 import common_pb2
+from costmesh.infer.v1 import infer_pb2
+from services.common.auth import RULES, ApiKey, AuthSettings, MethodRule, Role, digest
 from services.common.auth_grpc import bearer_interceptors
 from services.common.server import ServiceHost
 from services.common.settings import ServiceSettings
@@ -115,3 +117,65 @@ async def test_no_key_is_unauthenticated_on_every_call_kind(port: int) -> None:
 async def test_a_method_without_a_rule_is_admin_only(port: int) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=bearer_interceptors(TENANT)) as ch:
         assert await _all_kinds(ch, payload=()) == [grpc.StatusCode.PERMISSION_DENIED] * 4  # nothing streamed (above)
+
+
+# ---- streamed requests: service keys only (a tenant key's tenant cannot be checked up front) ---------------------
+
+ROUTER = "cm_router-interceptor-test"
+GENERATE = "/costmesh.infer.v1.InferenceService/Generate"
+TENANT_STREAM = f"/{SERVICE}/TenantStream"
+
+
+async def _echo_tenants(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+    async for r in requests:
+        yield infer_pb2.GenerateResponse(text=r.attribution.tenant)
+
+
+@pytest.fixture
+async def stream_port(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[int]:
+    # A streamed method whose rule lets tenants in (no real one exists).
+    monkeypatch.setitem(RULES, TENANT_STREAM, MethodRule(frozenset({Role.TENANT, Role.SERVICE}), "attribution.tenant"))
+    keys = (
+        ApiKey(name="acme", role=Role.TENANT, tenant="acme", sha256=digest(TENANT)),
+        ApiKey(name="router", role=Role.SERVICE, sha256=digest(ROUTER)),
+    )
+    host = ServiceHost(name="test", settings=ServiceSettings(port=0, auth=AuthSettings(enabled=True, keys=keys)))
+    codec = {
+        "request_deserializer": infer_pb2.GenerateRequest.FromString,
+        "response_serializer": infer_pb2.GenerateResponse.SerializeToString,
+    }
+
+    def register(server: grpc.aio.Server) -> None:
+        handler = grpc.stream_stream_rpc_method_handler(_echo_tenants, **codec)
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(SERVICE, {"TenantStream": handler}),
+                grpc.method_handlers_generic_handler("costmesh.infer.v1.InferenceService", {"Generate": handler}),
+            )
+        )
+
+    host.add_service(SERVICE, register)
+    yield await host.start()
+    await host.stop()
+
+
+async def _tenants(channel: grpc.aio.Channel, method: str, *tenants: str) -> list[str] | grpc.StatusCode:
+    call = channel.stream_stream(
+        method, infer_pb2.GenerateRequest.SerializeToString, infer_pb2.GenerateResponse.FromString
+    )
+    messages = [infer_pb2.GenerateRequest(attribution=common_pb2.Attribution(tenant=t)) for t in tenants]
+    try:
+        return [r.text async for r in call(iter(messages), timeout=5)]
+    except grpc.aio.AioRpcError as err:
+        return err.code()
+
+
+async def test_a_streamed_request_takes_a_service_key_not_a_tenant_key(stream_port: int) -> None:
+    target = f"127.0.0.1:{stream_port}"
+    async with grpc.aio.insecure_channel(target, interceptors=bearer_interceptors(TENANT)) as ch:
+        # Refused before any message is read, even where the rule lets tenants in.
+        assert await _tenants(ch, TENANT_STREAM, "acme") == grpc.StatusCode.PERMISSION_DENIED
+        assert await _tenants(ch, GENERATE, "acme") == grpc.StatusCode.PERMISSION_DENIED
+    async with grpc.aio.insecure_channel(target, interceptors=bearer_interceptors(ROUTER)) as ch:
+        # The worker's bidirectional Generate is the router's: a service key acts for any tenant.
+        assert await _tenants(ch, GENERATE, "globex", "") == ["globex", ""]

@@ -48,7 +48,7 @@ class FailingBudget(budget_pb2_grpc.BudgetServiceServicer):
 
 class SlowInfer(infer_pb2_grpc.InferenceServiceServicer):
     async def Generate(
-        self, request: infer_pb2.GenerateRequest, context: Any
+        self, request_iterator: AsyncIterator[infer_pb2.GenerateRequest], context: Any
     ) -> AsyncIterator[infer_pb2.GenerateResponse]:
         for i in range(3):
             yield infer_pb2.GenerateResponse(text=f"t{i}", token_count=1)
@@ -153,7 +153,7 @@ async def test_a_method_the_servicer_lacks_is_unimplemented_not_internal(
 async def test_streaming_errors_arrive_after_the_streamed_items(host: tuple[ServiceHost, FailingBudget]) -> None:
     h, _ = host
     async with grpc.aio.insecure_channel(f"127.0.0.1:{h.port}") as ch:
-        call = infer_pb2_grpc.InferenceServiceStub(ch).Generate(infer_pb2.GenerateRequest(), timeout=5)
+        call = infer_pb2_grpc.InferenceServiceStub(ch).Generate(iter((infer_pb2.GenerateRequest(),)), timeout=5)
         texts = []
         with pytest.raises(grpc.aio.AioRpcError) as err:
             async for chunk in call:

@@ -27,6 +27,8 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from costmesh.common.v1 import common_pb2
 from costmesh.infer.v1 import infer_pb2, infer_pb2_grpc
@@ -93,10 +95,10 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def serve(
-    engine: VllmEngine, store: JobStore, *, run_jobs: bool = True, **overrides: Any
+    engine: VllmEngine, store: JobStore, *, run_jobs: bool = True, meter: Any = None, **overrides: Any
 ) -> AsyncIterator[Running]:
     s = settings(**overrides)
-    worker = build_worker(s, engine=engine, store=store)
+    worker = build_worker(s, engine=engine, store=store, meter=meter)
     host = ServiceHost(name="infer", settings=s)
     host.add_service(
         full_service_name(infer_pb2, "InferenceService"),
@@ -137,6 +139,21 @@ def gen_request(rid: str, prompt: str = "The router sends the prompt", *, max_to
     return infer_pb2.GenerateRequest(request_id=rid, prompt=prompt, sampling=sampling, **kw)
 
 
+def metric_points(reader: InMemoryMetricReader, name: str) -> dict[tuple[str, str], int]:
+    """{(type, outcome): total} of a token counter."""
+    out: dict[tuple[str, str], int] = {}
+    data = reader.get_metrics_data()
+    for rm in data.resource_metrics if data is not None else ():
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                if metric.name == name:
+                    for p in metric.data.data_points:
+                        labels = dict(p.attributes or {})
+                        key = (str(labels["type"]), str(labels["outcome"]))
+                        out[key] = out.get(key, 0) + int(p.value)  # type: ignore[union-attr]
+    return out
+
+
 def detail(err: grpc.aio.AioRpcError, cls: Any) -> Any:
     status = rpc_status.from_call(err)  # type: ignore[arg-type]
     assert status is not None
@@ -150,6 +167,11 @@ def detail(err: grpc.aio.AioRpcError, cls: Any) -> Any:
 
 async def collect(call: Any) -> list[infer_pb2.GenerateResponse]:
     return [r async for r in call]
+
+
+def generate(stub: infer_pb2_grpc.InferenceServiceStub, request: Any, **kw: Any) -> Any:
+    """A Generate call that sends the request and half-closes (no stop)."""
+    return stub.Generate(iter((request,)), **kw)
 
 
 # --- local models ---
@@ -201,7 +223,7 @@ def test_auto_dtype_is_float32_unless_the_cpu_has_native_bfloat16(monkeypatch: p
 async def test_generate_streams_deltas_then_a_summary(engine: VllmEngine, sqlite_store: SqliteJobStore) -> None:
     async with serve(engine, sqlite_store) as r:
         prompt = "Our budget counts every token before noon."
-        replies = await collect(r.stub.Generate(gen_request("g1", prompt, max_tokens=24, ignore_eos=True), timeout=60))
+        replies = await collect(generate(r.stub, gen_request("g1", prompt, max_tokens=24, ignore_eos=True), timeout=60))
         *deltas, last = replies
         assert len(deltas) >= 2, "tokens must stream as produced, not arrive in one message"
         assert all(not d.HasField("summary") and d.token_count >= 1 for d in deltas)
@@ -215,7 +237,7 @@ async def test_generate_streams_deltas_then_a_summary(engine: VllmEngine, sqlite
         text = "".join(x.text for x in replies)
         assert text
         # Greedy decoding on the same engine gives the same text (the stream lost or reordered nothing).
-        again = await collect(r.stub.Generate(gen_request("g2", prompt, max_tokens=24, ignore_eos=True), timeout=60))
+        again = await collect(generate(r.stub, gen_request("g2", prompt, max_tokens=24, ignore_eos=True), timeout=60))
         assert "".join(x.text for x in again) == text
         stats = r.worker.stats
         assert stats.output_tokens_total == 48 and stats.classes[QueueClass.INTERACTIVE].ttft_s.count == 2
@@ -231,7 +253,7 @@ async def test_chat_messages_use_the_template(engine: VllmEngine, sqlite_store: 
             ],
             sampling=common_pb2.SamplingParams(max_tokens=4),
         )
-        last = (await collect(r.stub.Generate(req, timeout=60)))[-1]
+        last = (await collect(generate(r.stub, req, timeout=60)))[-1]
         from services.infer.domain import Message
 
         expected = engine.render_chat([Message("system", "Be brief."), Message("user", "Count three numbers.")])
@@ -256,9 +278,9 @@ async def test_a_shared_system_prompt_is_served_from_the_prefix_cache(
         )
 
     async with serve(engine, sqlite_store) as r:
-        first = (await collect(r.stub.Generate(chat("p1", "What is due?", "acme"), timeout=60)))[-1].summary.usage
-        second = (await collect(r.stub.Generate(chat("p2", "Who pays?", "acme"), timeout=60)))[-1].summary.usage
-        other = (await collect(r.stub.Generate(chat("p3", "Who pays?", "globex"), timeout=60)))[-1].summary.usage
+        first = (await collect(generate(r.stub, chat("p1", "What is due?", "acme"), timeout=60)))[-1].summary.usage
+        second = (await collect(generate(r.stub, chat("p2", "Who pays?", "acme"), timeout=60)))[-1].summary.usage
+        other = (await collect(generate(r.stub, chat("p3", "Who pays?", "globex"), timeout=60)))[-1].summary.usage
     assert first.input_tokens > 500
     assert first.cached_input_tokens == 0
     # The second request reuses the KV blocks of everything the two share (whole blocks of 32 tokens).
@@ -272,9 +294,11 @@ async def test_cancel_aborts_the_engine_request_and_frees_its_slot(
     engine: VllmEngine, sqlite_store: SqliteJobStore
 ) -> None:
     # One interactive slot and no waiting line: a leaked slot would turn the next call away.
-    async with serve(engine, sqlite_store, interactive_max_concurrency=1, interactive_max_waiting=0) as r:
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("test")
+    async with serve(engine, sqlite_store, interactive_max_concurrency=1, interactive_max_waiting=0, meter=meter) as r:
         aborts = engine.gauges.aborts_total
-        call = r.stub.Generate(gen_request("long", max_tokens=1000, ignore_eos=True), timeout=120)
+        call = generate(r.stub, gen_request("long", max_tokens=1000, ignore_eos=True), timeout=120)
         got = 0
         async for reply in call:
             got += reply.token_count
@@ -284,21 +308,97 @@ async def test_cancel_aborts_the_engine_request_and_frees_its_slot(
         await wait_until(lambda: engine.gauges.aborts_total == aborts + 1, 10)
         await wait_until(lambda: engine.unfinished_requests() == 0, 10)
         await wait_until(lambda: r.worker.admission.in_engine(QueueClass.INTERACTIVE) == 0, 10)
-        assert r.worker.stats.classes[QueueClass.INTERACTIVE].aborted_total == 1
-        assert r.worker.stats.output_tokens_total < 1000
-        last = (await collect(r.stub.Generate(gen_request("next", max_tokens=2), timeout=60)))[-1]
+        stats = r.worker.stats
+        assert stats.classes[QueueClass.INTERACTIVE].aborted_total == 1
+        # No summary went out, but every token the engine produced is counted: at least those the client read.
+        assert got <= stats.output_tokens_total < 1000
+        assert stats.prompt_tokens_total == len(engine.tokenize("The router sends the prompt"))
+        tokens = metric_points(reader, "costmesh.infer.tokens")
+        assert tokens[("output", "cancelled")] == stats.output_tokens_total
+        assert tokens[("input", "cancelled")] == stats.prompt_tokens_total
+        last = (await collect(generate(r.stub, gen_request("next", max_tokens=2), timeout=60)))[-1]
         assert last.summary.usage.output_tokens >= 1
+
+
+async def test_a_stop_mid_stream_ends_with_the_summary_of_every_token(
+    engine: VllmEngine, sqlite_store: SqliteJobStore
+) -> None:
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("test")
+    async with serve(engine, sqlite_store, meter=meter) as r:
+        prompt = "Stop me once a few tokens are out."
+        call = r.stub.Generate(timeout=120)
+        await call.write(gen_request("stopped", prompt, max_tokens=1000, ignore_eos=True))
+        replies = []
+        while sum(x.token_count for x in replies) < 3:
+            replies.append(await call.read())
+        await call.write(infer_pb2.GenerateRequest(stop=True))
+        await call.done_writing()
+        # read() only: grpc.aio refuses a call read both ways (read() and async for).
+        while (reply := await call.read()) is not grpc.aio.EOF:
+            replies.append(reply)
+        *deltas, last = replies
+        assert last.HasField("summary") and not any(d.HasField("summary") for d in deltas)
+        s = last.summary
+        assert s.finish_reason == common_pb2.FINISH_REASON_ABORT
+        assert 3 <= s.usage.output_tokens < 1000
+        assert sum(x.token_count for x in replies) == s.usage.output_tokens  # every token billed was streamed
+        assert s.usage.input_tokens == len(engine.tokenize(prompt))
+        stats = r.worker.stats
+        assert (stats.prompt_tokens_total, stats.output_tokens_total) == (s.usage.input_tokens, s.usage.output_tokens)
+        assert stats.classes[QueueClass.INTERACTIVE].stopped_total == 1
+        tokens = metric_points(reader, "costmesh.infer.tokens")
+        assert tokens == {("input", "stopped"): s.usage.input_tokens, ("output", "stopped"): s.usage.output_tokens}
+        await wait_until(lambda: engine.unfinished_requests() == 0, 10)
+        # Half-closing without a stop changes nothing.
+        call = r.stub.Generate(timeout=60)
+        await call.write(gen_request("half-closed", max_tokens=6, ignore_eos=True))
+        await call.done_writing()
+        last = (await collect(call))[-1]
+        assert last.summary.finish_reason == common_pb2.FINISH_REASON_LENGTH and last.summary.usage.output_tokens == 6
+
+
+async def test_a_stop_before_admission_ends_with_no_tokens(engine: VllmEngine, sqlite_store: SqliteJobStore) -> None:
+    async with serve(
+        engine, sqlite_store, interactive_max_concurrency=1, interactive_max_waiting=1, interactive_max_wait_s=60
+    ) as r:
+        holder = generate(r.stub, gen_request("holder", max_tokens=1000, ignore_eos=True), timeout=120)
+        await holder.read()  # holds the only interactive slot
+        waiter = r.stub.Generate(timeout=120)
+        await waiter.write(gen_request("waiter", max_tokens=8))
+        adm = r.worker.admission
+        await wait_until(lambda: adm.waiting(QueueClass.INTERACTIVE) == 1, 30)
+        before = (r.worker.stats.prompt_tokens_total, r.worker.stats.output_tokens_total)
+        await waiter.write(infer_pb2.GenerateRequest(stop=True))
+        (only,) = await collect(waiter)
+        u = only.summary.usage
+        assert only.summary.finish_reason == common_pb2.FINISH_REASON_ABORT
+        assert (u.input_tokens, u.output_tokens, only.token_count) == (0, 0, 0)
+        assert (r.worker.stats.prompt_tokens_total, r.worker.stats.output_tokens_total) == before
+        assert adm.waiting(QueueClass.INTERACTIVE) == 0
+        holder.cancel()
+
+
+async def test_the_first_message_must_be_the_request(engine: VllmEngine, sqlite_store: SqliteJobStore) -> None:
+    async with serve(engine, sqlite_store) as r:
+        for messages in ([], [infer_pb2.GenerateRequest(stop=True)]):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await collect(r.stub.Generate(iter(messages), timeout=10))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert engine.unfinished_requests() == 0
 
 
 async def test_a_passed_deadline_aborts_the_engine_request(engine: VllmEngine, sqlite_store: SqliteJobStore) -> None:
     async with serve(engine, sqlite_store) as r:
         aborts = engine.gauges.aborts_total
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await collect(r.stub.Generate(gen_request("slow", max_tokens=1000, ignore_eos=True), timeout=0.5))
+            await collect(generate(r.stub, gen_request("slow", max_tokens=1000, ignore_eos=True), timeout=0.5))
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         await wait_until(lambda: engine.gauges.aborts_total == aborts + 1, 10)
         await wait_until(lambda: engine.unfinished_requests() == 0, 10)
         assert r.worker.admission.in_engine(QueueClass.INTERACTIVE) == 0
+        # Counted all the same: the prompt reached the engine.
+        assert r.worker.stats.prompt_tokens_total == len(engine.tokenize("The router sends the prompt"))
 
 
 # --- validation, models ---
@@ -309,7 +409,7 @@ async def test_bad_input_is_invalid_argument_with_the_limits(engine: VllmEngine,
 
         async def bad(req: Any) -> dict[str, str]:
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await collect(r.stub.Generate(req, timeout=30))
+                await collect(generate(r.stub, req, timeout=30))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             return {v.field: v.description for v in detail(err.value, error_details_pb2.BadRequest).field_violations}
 
@@ -374,7 +474,7 @@ async def test_interactive_is_admitted_ahead_of_a_queued_async_flood(
         # The flood fills every async slot (max_num_seqs - reserve) and the rest waits in the durable queue.
         await wait_until(lambda: adm.in_engine(QueueClass.ASYNC) == MAX_NUM_SEQS - RESERVE, 30)
         assert await sqlite_store.queued() > 0
-        reply = (await collect(r.stub.Generate(gen_request("vip", max_tokens=4), timeout=60)))[-1]
+        reply = (await collect(generate(r.stub, gen_request("vip", max_tokens=4), timeout=60)))[-1]
         still_queued = await sqlite_store.queued()
         assert reply.summary.usage.output_tokens >= 1
         assert still_queued > 0, "the interactive request must not wait behind queued async jobs"
@@ -384,7 +484,7 @@ async def test_interactive_is_admitted_ahead_of_a_queued_async_flood(
         await watcher
         assert peak["async"] == MAX_NUM_SEQS - RESERVE
         assert peak["total"] <= MAX_NUM_SEQS
-        done = await r.stub.GetJob(infer_pb2.GetJobRequest(job_id=jobs[0]), timeout=10)
+        done = (await r.stub.GetJob(infer_pb2.GetJobRequest(job_id=jobs[0]), timeout=10)).job
         assert done.summary.usage.output_tokens == 120 and done.text and done.attempts == 1
         assert done.finished_unix_ms >= done.created_unix_ms
         assert r.worker.stats.jobs_succeeded_total == 16
@@ -400,13 +500,85 @@ async def test_submit_job_is_idempotent_and_tenant_scoped(engine: VllmEngine, sq
             metadata="reservation=r-9",
         )
         first = await r.stub.SubmitJob(req, timeout=10)
+        req.metadata = "reservation=r-10"  # a retry with another reservation: the stored one comes back
         again = await r.stub.SubmitJob(req, timeout=10)
         assert again.job_id == first.job_id and again.replayed and not first.replayed
+        assert first.metadata == again.metadata == "reservation=r-9"
         job = await wait_until_job(r.stub, first.job_id, JobState.SUCCEEDED, 60)
         assert job.metadata == "reservation=r-9" and job.summary.usage.output_tokens == 5
+        assert (job.request_id, job.tenant, job.settled) == ("same", "acme", False)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await r.stub.GetJob(infer_pb2.GetJobRequest(job_id=first.job_id, tenant="globex"), timeout=10)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_jobs_are_found_by_request_id_listed_and_settled(
+    engine: VllmEngine, tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    store: JobStore = (
+        SqliteJobStore(tmp_path / "jobs.sqlite3", lease_s=2.0)
+        if kind == "sqlite"
+        else RedisJobStore.from_url(request.getfixturevalue("redis_url"), queue=f"settle-{uuid.uuid4().hex[:6]}")
+    )
+    async with serve(engine, store, job_store=kind) as r:
+        sampling = common_pb2.SamplingParams(max_tokens=3)
+        who = common_pb2.Attribution(tenant="acme")
+        ids = [
+            (
+                await r.stub.SubmitJob(
+                    infer_pb2.SubmitJobRequest(
+                        request_id=f"s{i}", prompt="Bill me", sampling=sampling, attribution=who
+                    ),
+                    timeout=10,
+                )
+            ).job_id
+            for i in range(3)
+        ]
+        by_rid = (await r.stub.GetJob(infer_pb2.GetJobRequest(tenant="acme", request_id="s1"), timeout=10)).job
+        assert by_rid.job_id == ids[1]
+        for bad in (infer_pb2.GetJobRequest(request_id="s1"), infer_pb2.GetJobRequest()):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await r.stub.GetJob(bad, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await r.stub.GetJob(infer_pb2.GetJobRequest(tenant="globex", request_id="s1"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        for job_id in ids:
+            await wait_until_job(r.stub, job_id, JobState.SUCCEEDED, 60)
+        settle = infer_pb2.MarkJobSettledRequest(job_id=ids[0], tenant="acme")
+        assert not (await r.stub.MarkJobSettled(settle, timeout=10)).replayed
+        assert (await r.stub.MarkJobSettled(settle, timeout=10)).replayed
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await r.stub.MarkJobSettled(infer_pb2.MarkJobSettledRequest(job_id=ids[1], tenant="globex"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        page = await r.stub.ListJobs(infer_pb2.ListJobsRequest(unsettled_only=True, page_size=1), timeout=10)
+        assert [j.job_id for j in page.jobs] == [ids[1]] and page.next_page_token
+        assert page.jobs[0].summary.usage.output_tokens == 3 and page.jobs[0].text  # enough to bill it
+        rest = await r.stub.ListJobs(
+            infer_pb2.ListJobsRequest(unsettled_only=True, page_token=page.next_page_token), timeout=10
+        )
+        assert [j.job_id for j in rest.jobs] == [ids[2]] and not rest.next_page_token
+        everything = await r.stub.ListJobs(
+            infer_pb2.ListJobsRequest(states=[common_pb2.JOB_STATE_SUCCEEDED]), timeout=10
+        )
+        assert [j.job_id for j in everything.jobs] == ids and everything.jobs[0].settled
+
+
+async def test_a_job_taken_over_past_its_max_wait_fails(engine: VllmEngine, tmp_path: Path) -> None:
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3", lease_s=0.3)
+    async with serve(engine, store, run_jobs=False, async_max_wait_s=1.0) as r:
+        submitted = await r.stub.SubmitJob(
+            infer_pb2.SubmitJobRequest(request_id="late", prompt="Too late", sampling=common_pb2.SamplingParams()),
+            timeout=10,
+        )
+        dead = await store.claim("w-dead", max_attempts=3)  # started in time, then its worker died
+        assert dead is not None and dead.job_id == submitted.job_id
+        await asyncio.sleep(1.5)  # past the lease and past async_max_wait_s
+        r.worker.runner.start()
+        job = await wait_until_job(r.stub, submitted.job_id, JobState.FAILED, 30)
+        assert "expired" in job.error and job.attempts == 2
+        assert r.worker.stats.prompt_tokens_total == 0  # it never ran again
 
 
 async def test_full_queues_push_back_with_retry_info(
@@ -432,7 +604,7 @@ async def test_full_queues_push_back_with_retry_info(
 
         def async_call(rid: str) -> Any:
             req = gen_request(rid, max_tokens=1000, ignore_eos=True, queue_class=common_pb2.QUEUE_CLASS_ASYNC)
-            return r.stub.Generate(req, timeout=60)
+            return generate(r.stub, req, timeout=60)
 
         running = async_call("a1")
         await running.read()
@@ -445,18 +617,18 @@ async def test_full_queues_push_back_with_retry_info(
         assert detail(err.value, error_details_pb2.ErrorInfo).reason == "QUEUE_FULL"
         assert detail(err.value, error_details_pb2.RetryInfo).retry_delay.seconds >= 1
         # Interactive work still goes straight in while the async class is saturated.
-        assert (await collect(r.stub.Generate(gen_request("i1", max_tokens=2), timeout=30)))[-1].summary
+        assert (await collect(generate(r.stub, gen_request("i1", max_tokens=2), timeout=30)))[-1].summary
         running.cancel()
         first_of_waiting = await waiting.read()  # the waiter is admitted once the slot frees
         assert first_of_waiting.token_count >= 1
         waiting.cancel()
 
 
-async def wait_until_job(stub: Any, job_id: str, state: JobState, timeout_s: float) -> infer_pb2.GetJobResponse:
+async def wait_until_job(stub: Any, job_id: str, state: JobState, timeout_s: float) -> infer_pb2.Job:
     want = common_pb2.JobState.Value(f"JOB_STATE_{state.value}")
     deadline = time.monotonic() + timeout_s
     while True:
-        job = await stub.GetJob(infer_pb2.GetJobRequest(job_id=job_id), timeout=10)
+        job = (await stub.GetJob(infer_pb2.GetJobRequest(job_id=job_id), timeout=10)).job
         if job.state == want:
             return job  # type: ignore[no-any-return]
         if time.monotonic() > deadline:
@@ -612,7 +784,7 @@ async def test_engine_death_turns_the_worker_not_serving_and_unavailable(
     async with grpc.aio.insecure_channel(spare.target) as ch:
         stub = infer_pb2_grpc.InferenceServiceStub(ch)
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await collect(stub.Generate(gen_request("after-death"), timeout=10))
+            await collect(generate(stub, gen_request("after-death"), timeout=10))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert detail(err.value, error_details_pb2.ErrorInfo).reason == "ENGINE_DEAD"
         with pytest.raises(grpc.aio.AioRpcError) as err:

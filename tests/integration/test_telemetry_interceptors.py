@@ -178,11 +178,12 @@ async def test_baggage_travels_without_tracing() -> None:
 
 
 class EndlessStream(infer_pb2_grpc.InferenceServiceServicer):
-    """Streams the tenant it finds in the baggage, then chunks until the client goes away."""
+    """Reads the request, streams the tenant it then finds in the baggage, then chunks until the client goes away."""
 
     async def Generate(
-        self, request: infer_pb2.GenerateRequest, context: Any
+        self, request_iterator: AsyncIterator[infer_pb2.GenerateRequest], context: Any
     ) -> AsyncIterator[infer_pb2.GenerateResponse]:
+        await anext(aiter(request_iterator))  # the first message's attribution joins the baggage once it is read
         yield infer_pb2.GenerateResponse(text=attribution_from_baggage().tenant)
         while True:  # suspended at a yield when the client cancels: grpc drops the stream instead of closing it
             yield infer_pb2.GenerateResponse(text="x" * 1024)
@@ -201,7 +202,7 @@ async def test_a_cancelled_stream_keeps_its_baggage_and_logs_no_context_error(
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=client_interceptors()) as ch:
             request = infer_pb2.GenerateRequest(attribution=common_pb2.Attribution(tenant="acme"))
-            call = infer_pb2_grpc.InferenceServiceStub(ch).Generate(request, timeout=10)
+            call = infer_pb2_grpc.InferenceServiceStub(ch).Generate(iter((request,)), timeout=10)
             first = await anext(call.__aiter__())
             assert first.text == "acme"
             call.cancel()
@@ -276,12 +277,12 @@ async def test_a_traced_stream_ends_both_spans_with_the_status_of_the_call(caplo
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=client_interceptors(tracer)) as ch:
             stub = infer_pb2_grpc.InferenceServiceStub(ch)
-            call = stub.Generate(infer_pb2.GenerateRequest(attribution=common_pb2.Attribution(tenant="acme")))
+            call = stub.Generate(iter((infer_pb2.GenerateRequest(attribution=common_pb2.Attribution(tenant="acme")),)))
             first = await anext(call.__aiter__())
             assert first.text == "acme"
             call.cancel()
             # a stream that times out on the server's side of things: DEADLINE_EXCEEDED
-            slow = stub.Generate(infer_pb2.GenerateRequest(), timeout=0.3)
+            slow = stub.Generate(iter((infer_pb2.GenerateRequest(),)), timeout=0.3)
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 async for _ in slow:
                     await asyncio.sleep(0.05)

@@ -114,6 +114,8 @@ RENEW = "/costmesh.budget.v1.BudgetService/RenewReservation"
 INVALIDATE = "/costmesh.cache.v1.CacheService/Invalidate"
 GET_STATS = "/costmesh.cache.v1.CacheService/GetStats"
 GET_JOB = "/costmesh.infer.v1.InferenceService/GetJob"
+LIST_JOBS = "/costmesh.infer.v1.InferenceService/ListJobs"
+MARK_JOB_SETTLED = "/costmesh.infer.v1.InferenceService/MarkJobSettled"
 
 
 def decide(principal: Principal, method: str, named: str = "", metadata: tuple[str, ...] = ()) -> str:
@@ -159,6 +161,10 @@ def test_the_service_role_acts_for_any_tenant_on_the_data_plane() -> None:
     assert decide(ROUTER, GENERATE, "globex") == "ok"
     assert decide(ROUTER, GET_JOB, "") == "ok"  # the router's internal read of its own jobs
     assert decide(ACME, GET_JOB, "acme") == "ROLE"
+    # The settlement sweep: the router lists every tenant's jobs and marks them settled; tenants may do neither.
+    assert decide(ROUTER, LIST_JOBS) == "ok" and decide(ACME, LIST_JOBS) == "ROLE"
+    assert decide(ROUTER, MARK_JOB_SETTLED, "") == "ok" and decide(ROUTER, MARK_JOB_SETTLED, "acme") == "ok"
+    assert decide(ACME, MARK_JOB_SETTLED, "acme") == "ROLE"
 
 
 def test_auth_settings_from_env_and_a_keys_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
