@@ -285,7 +285,7 @@ class InferenceService:
             cache_salt=salt,
             stream=stream,
         )
-        # From here on the request has reached the engine: its prompt tokens count, whatever happens next.
+        # From here on the request has reached the engine: its prompt tokens count (see _Tally.usage).
         t = _Tally(reached_engine=True)
         submitted = self._clock()
         outputs = self._engine.generate(engine_req, stop=stop)
@@ -330,8 +330,8 @@ class InferenceService:
         """Count one generation's tokens in the stats and the metrics, whatever its outcome; its summary.
 
         Runs once per generation on every path (finished, stopped, cancelled, failed), so the worker's token counters
-        hold every token it reported or would have reported: the prompt once the request reached the engine, and
-        every output token the engine produced.
+        hold every token it reported or would have reported: every output token the engine produced, and the prompt
+        once the request reached the engine (without a summary, only when output was produced: ``_Tally.usage``).
         """
         lim = self._limits
         req = p.request
@@ -408,7 +408,12 @@ class _Tally:
     tail_tokens: int = 0
 
     def usage(self, p: Prepared) -> TokenUsage:
-        prompt = len(p.prompt_token_ids) if self.reached_engine else 0
+        """The prompt counts once the request reached the engine — but a generation that ends without a summary
+        (cancelled, failed) counts it only when it produced output: its caller, who never got a summary, bills the
+        prompt plus the tokens it received, and nothing when it received none."""
+        summarized = self.outcome in (Outcome.FINISHED, Outcome.STOPPED)
+        counts = self.reached_engine and (summarized or self.output_tokens > 0)
+        prompt = len(p.prompt_token_ids) if counts else 0
         return TokenUsage(
             input_tokens=prompt, output_tokens=self.output_tokens, cached_input_tokens=min(self.cached, prompt)
         )

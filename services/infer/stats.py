@@ -95,8 +95,8 @@ class InferStats:
     jobs_failed_total: int = 0
     jobs_reclaimed_total: int = 0  # claims of a job another worker had started
     jobs_fenced_total: int = 0  # completions refused because another worker owns the job now
-    # Every token of every generation, whatever its outcome (finished, stopped, cancelled, failed): the prompt once
-    # the request reached the engine, every output token the engine produced (services/infer/service.py _account).
+    # Every token of every generation, whatever its outcome (finished, stopped, cancelled, failed): every output token
+    # the engine produced, the prompt once the request reached the engine (services/infer/service.py _Tally.usage).
     prompt_tokens_total: int = 0
     cached_prompt_tokens_total: int = 0
     output_tokens_total: int = 0

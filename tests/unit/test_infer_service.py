@@ -37,6 +37,7 @@ class ScriptedEngine:
     dead: bool = False
     gate: asyncio.Event | None = None
     step_s: float = 0.0  # time per token
+    die_after: int | None = None  # the engine dies after producing this many tokens of a streamed request
     requests: list[EngineRequest] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     gauges: EngineGauges = field(default_factory=EngineGauges)
@@ -118,7 +119,7 @@ class ScriptedEngine:
                         num_cached_tokens=self.cached,
                     )
                     return
-                if self.dead:
+                if self.dead or (self.die_after is not None and i >= self.die_after):
                     raise EngineDead("boom")
                 last = i == request.max_tokens - 1
                 finished = last
@@ -439,6 +440,27 @@ async def test_a_cancelled_stream_still_counts_its_tokens() -> None:
     assert total(tokens, type="output", outcome="cancelled") == 3
     assert total(tokens, type="input", outcome="cancelled") == 3
     tel.meter_provider.shutdown()
+
+
+async def test_a_stream_cancelled_before_its_first_token_counts_nothing() -> None:
+    engine = ScriptedEngine(gate=asyncio.Event())
+    svc = make_service(engine)
+    task = asyncio.create_task(collect(svc, req(sampling=Sampling(max_tokens=10))))
+    await until(lambda: bool(engine.requests))  # in the engine, no token yet
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # No summary and nothing streamed: its caller bills nothing, so nothing is counted.
+    assert counted(svc) == (0, 0, 0)
+    assert svc.stats.classes[QueueClass.INTERACTIVE].aborted_total == 1
+
+
+async def test_engine_death_before_the_first_token_counts_nothing() -> None:
+    svc = make_service(ScriptedEngine(die_after=0))
+    with pytest.raises(Unavailable) as err:
+        await collect(svc, req(sampling=Sampling(max_tokens=5)))
+    assert err.value.metadata == {"input_tokens": "0", "output_tokens": "0", "cached_input_tokens": "0"}
+    assert counted(svc) == (0, 0, 0)
 
 
 async def test_engine_death_counts_the_tokens_and_reports_them_in_the_error() -> None:
