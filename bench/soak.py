@@ -7,13 +7,16 @@ ports — embedded stores by default, Redis with ``--redis`` — then keeps ``--
 * unary Generate on fresh prompts (cache misses, both tiers as the classifier decides),
 * unary Generate on a small set of repeated prompts (cache hits after the first),
 * GenerateStream read to the end,
-* GenerateStream cancelled after the first chunk (on its own tenant: what it costs is not knowable by the client),
+* GenerateStream cancelled after the first chunk, on the same tenant as the rest: the router stops the worker and
+  bills what it generated, which the client cannot know,
 * SubmitAsync, polled to completion.
 
 Every few seconds it samples the resident memory of each service (the whole process tree: a worker's vLLM engine
 core is a child process). When the load stops it waits for in-flight money to settle and checks the two invariants
-that matter: **reserved money returns to zero**, and **the ledger equals the sum of the costs the responses
-reported**. It prints a table and, with ``--json PATH``, writes everything.
+that matter: **reserved money returns to zero**, and **the ledger is the truth**: it equals what the workers counted
+as generated for the tenant (every prompt and output token at the worker's price, from their own
+``costmesh_infer_cost_micros_total``) — the sum of the costs the answered requests reported plus what the cancelled
+streams were billed. It prints a table and, with ``--json PATH``, writes everything.
 
     .venv/bin/python bench/soak.py [--duration-s 600] [--concurrency 6] [--redis] [--json PATH]
 
@@ -45,6 +48,7 @@ from costmesh.budget.v1 import budget_pb2, budget_pb2_grpc
 from costmesh.common.v1 import common_pb2
 from costmesh.router.v1 import router_pb2, router_pb2_grpc
 from services.cli.mesh import LocalMesh, free_layout
+from tests.support.prom import scrape, total
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "var" / "models"
@@ -226,7 +230,7 @@ class Load:
             elif kind == "cancel":
                 call = self.stub.GenerateStream(
                     router_pb2.GenerateStreamRequest(
-                        attribution=self._attribution(self.tenant + "-cancel"),
+                        attribution=self._attribution(),
                         messages=_messages(self._fresh()),
                         sampling=common_pb2.SamplingParams(max_tokens=self.max_tokens * 4, temperature=0.7),
                     ),
@@ -292,13 +296,24 @@ class Load:
 
 
 async def ledger(target: str, tenant: str) -> tuple[budget_pb2.UsageRow, int]:
-    """(usage total, reserved micro-USD) of one tenant; the tenant needs a policy for reserved to show."""
+    """(usage total, reserved micro-USD) of one tenant; the tenant needs a policy for reserved to show. Reserved is
+    read first: a commit landing between the reads then shows in the usage, never 'nothing reserved' without it."""
     async with grpc.aio.insecure_channel(target) as ch:
         stub = budget_pb2_grpc.BudgetServiceStub(ch)
-        usage = await stub.GetUsage(budget_pb2.GetUsageRequest(tenant=tenant), timeout=30)
         scope = budget_pb2.Scope(kind=budget_pb2.SCOPE_KIND_TENANT, tenant=tenant)
         budget = await stub.GetBudget(budget_pb2.GetBudgetRequest(scope=scope), timeout=30)
+        usage = await stub.GetUsage(budget_pb2.GetUsageRequest(tenant=tenant), timeout=30)
     return usage.total, sum(h.reserved_micros for h in budget.headroom)
+
+
+def workers_generated(mesh: LocalMesh, tenant: str) -> tuple[int, int]:
+    """(cost micro-USD, output tokens) the workers counted as generated for ``tenant``, at their own prices."""
+    cost = out = 0.0
+    for name in ("infer-cheap", "infer-full"):
+        samples = scrape(mesh.layout.metrics_ports[name])
+        cost += total(samples, "costmesh_infer_cost_micros_total", tenant=tenant)
+        out += total(samples, "costmesh_infer_tokens_total", tenant=tenant, type="output")
+    return round(cost), round(out)
 
 
 async def track(target: str, tenant: str) -> None:
@@ -330,10 +345,12 @@ class SoakReport:
     p99_ms: float
     responses_cost_micros: int
     ledger_cost_micros: int
+    workers_cost_micros: int  # what the workers counted as generated for the tenant
+    ledger_output_tokens: int
+    workers_output_tokens: int
     ledger_requests: int
     charged_requests: int
     reserved_after_micros: int
-    cancel_tenant_reserved_after_micros: int
     settle_s: float
     memory: dict[str, dict[str, float]]
     services_alive: dict[str, bool]
@@ -341,12 +358,23 @@ class SoakReport:
     machine: str = ""
 
     @property
+    def cancelled_billed_micros(self) -> int:
+        """What the cancelled streams were billed: the ledger beyond the costs the answered requests reported."""
+        return self.ledger_cost_micros - self.responses_cost_micros
+
+    @property
     def ledger_matches(self) -> bool:
-        return self.ledger_cost_micros == self.responses_cost_micros and self.ledger_requests == self.charged_requests
+        """The ledger holds every generated token (the workers' count) and every answered request's cost."""
+        return (
+            self.ledger_cost_micros == self.workers_cost_micros
+            and self.ledger_output_tokens == self.workers_output_tokens
+            and self.ledger_cost_micros >= self.responses_cost_micros
+            and self.ledger_requests >= self.charged_requests
+        )
 
     @property
     def money_lost_micros(self) -> int:
-        return abs(self.ledger_cost_micros - self.responses_cost_micros) + self.reserved_after_micros
+        return abs(self.workers_cost_micros - self.ledger_cost_micros) + self.reserved_after_micros
 
 
 async def soak(
@@ -364,8 +392,7 @@ async def soak(
     say = log or (lambda *_: None)
     tenant = "soak-" + uuid.uuid4().hex[:6]
     router, budget = mesh.layout.target("router"), mesh.layout.target("budget")
-    for t in (tenant, tenant + "-cancel"):
-        await track(budget, t)
+    await track(budget, tenant)
     pids = {name: p.pid for name, p in mesh.procs.items()}
     memory = MemorySeries()
     load = Load(router, tenant=tenant, max_tokens=max_tokens, seed=seed)
@@ -391,12 +418,11 @@ async def soak(
     # Traffic stopped: in-flight money must settle (background fills/savings, async settlement, cancelled streams).
     settle_start = time.monotonic()
     usage, reserved = await ledger(budget, tenant)
-    _, cancel_reserved = await ledger(budget, tenant + "-cancel")
-    while (reserved or cancel_reserved) and time.monotonic() - settle_start < 60:
+    while reserved and time.monotonic() - settle_start < 60:
         await asyncio.sleep(0.5)
         usage, reserved = await ledger(budget, tenant)
-        _, cancel_reserved = await ledger(budget, tenant + "-cancel")
     settle_s = time.monotonic() - settle_start
+    workers_cost, workers_out = workers_generated(mesh, tenant)
     tally = load.tally
     lat = sorted(tally.latencies_ms) or [0.0]
     served = sum(tally.served.values())
@@ -418,10 +444,12 @@ async def soak(
         p99_ms=lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))],
         responses_cost_micros=tally.cost_micros,
         ledger_cost_micros=usage.cost_micros,
+        workers_cost_micros=workers_cost,
+        ledger_output_tokens=usage.usage.output_tokens,
+        workers_output_tokens=workers_out,
         ledger_requests=usage.requests,
         charged_requests=tally.charged_requests,
         reserved_after_micros=reserved,
-        cancel_tenant_reserved_after_micros=cancel_reserved,
         settle_s=settle_s,
         memory=memory.summary(warmup_s),
         rss_mib={n: [(round(t, 1), round(b / 2**20, 1)) for t, b in ser] for n, ser in memory.samples.items()},
@@ -440,14 +468,14 @@ def print_report(r: SoakReport) -> None:
     print(f"{'cache hits / escalations':<34}{r.cache_hits:>12} / {r.escalated}")
     print(f"{'throughput':<34}{r.rps:>12.2f} req/s   p50 {r.p50_ms:.0f} ms   p99 {r.p99_ms:.0f} ms")
     print(f"{'sum of response costs (micro-USD)':<34}{r.responses_cost_micros:>12}")
+    print(f"{'cancelled streams billed':<34}{r.cancelled_billed_micros:>12}")
+    print(f"{'workers counted generated':<34}{r.workers_cost_micros:>12}  ({r.workers_output_tokens} output tokens)")
     print(
         f"{'ledger cost (micro-USD)':<34}{r.ledger_cost_micros:>12}  {'= match' if r.ledger_matches else '!= MISMATCH'}"
+        f"  ({r.ledger_output_tokens} output tokens)"
     )
-    print(f"{'ledger requests / charged':<34}{r.ledger_requests:>12} / {r.charged_requests}")
-    print(
-        f"{'reserved after traffic (micro-USD)':<34}{r.reserved_after_micros:>12}  "
-        f"(cancel tenant {r.cancel_tenant_reserved_after_micros}, settled in {r.settle_s:.1f} s)"
-    )
+    print(f"{'ledger requests / charged answers':<34}{r.ledger_requests:>12} / {r.charged_requests}")
+    print(f"{'reserved after traffic (micro-USD)':<34}{r.reserved_after_micros:>12}  (settled in {r.settle_s:.1f} s)")
     print(f"{'money lost (micro-USD)':<34}{r.money_lost_micros:>12}")
     print(
         f"\n{'service':<12} {'RSS start':>10} {'RSS end':>10} {'growth':>9} {'peak':>9} {'trend/10min':>12} "
@@ -508,6 +536,7 @@ def main() -> int:
         payload = {
             **asdict(report),
             "ledger_matches": report.ledger_matches,
+            "cancelled_billed_micros": report.cancelled_billed_micros,
             "money_lost_micros": report.money_lost_micros,
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
