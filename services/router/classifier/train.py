@@ -6,10 +6,11 @@ Deterministic: the same records and config give the same artifact (L-BFGS on a f
 designs that lost are in docs/benchmarks.md):
 
 1. *Few cues, monotone.* Only structural cues that mean "harder" whatever the topic — length, numbers, arithmetic,
-   maths and code vocabulary and syntax, multi-step and reasoning cues, constraints, option length, numeric options,
-   NOT/EXCEPT questions, question length (:data:`DEFAULT_CUES`) — and every weight is bounded at >= 0: a cue can
-   raise the score or do nothing, never lower it. The topic cues that fit dev's subjects (technical vocabulary,
-   named entities, scenario words, language) are left out.
+   maths and code vocabulary and syntax, multi-step and reasoning cues, option length, numeric options, NOT/EXCEPT
+   questions, question length (:data:`DEFAULT_CUES`) — and every weight is bounded at >= 0: a cue can raise the
+   score or do nothing, never lower it. The topic cues that fit dev's subjects (technical vocabulary, named
+   entities, scenario words, language) are left out, and so are constraints (fitted weight ~0.007, and their
+   phrase scan was a tenth of a request's cost).
 2. *Two heads.* One head per prompt shape (``choice``, ``open``), fitted on its own prompts (``fusion_c`` would tie
    their weights together: measured, it lost).
 3. *Shrinkage toward a length prior.* Each head's score is a blend of its standardised logit and the standardised
@@ -61,7 +62,6 @@ DEFAULT_CUES: tuple[str, ...] = (
     "code_words",
     "multi_step",
     "reasoning",
-    "constraints",
     "choice_tokens",
     "numeric_choices",
     "negation_cue",
