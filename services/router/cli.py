@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +19,16 @@ from services.router.classifier.calibration import DEFAULT_BAND_SHARE, fit_calib
 from services.router.classifier.data import Record, RecordError, families, iter_json_lines, load_records, parse_record
 from services.router.classifier.metrics import DEFAULT_NUM_RESULTS, FamilyMetrics, family_metrics
 from services.router.classifier.model import DEFAULT_ARTIFACT_DIR, ComplexityModel
-from services.router.classifier.train import DEFAULT_C, TrainConfig, featurize, score_featurized, train
+from services.router.classifier.train import (
+    DEFAULT_C,
+    DEFAULT_MIN_ROWS,
+    DEFAULT_PRIOR_ROWS,
+    PREVIOUS,
+    TrainConfig,
+    featurize,
+    score_featurized,
+    train,
+)
 from services.router.classifier.types import user_messages
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -69,15 +79,34 @@ def evaluate(model: ComplexityModel, records: list[Record], num_results: int) ->
 def train_cmd(
     data: Annotated[Path, typer.Option(help="labelled records (JSONL)")],
     out: Annotated[Path, typer.Option(help="directory the artifact is written to")],
-    c: Annotated[float, typer.Option(help="inverse L2 regularisation of the logistic heads")] = DEFAULT_C,
-    hash_bits: Annotated[int, typer.Option(help="> 0: add hashed word n-grams with 2**bits buckets")] = 0,
+    c: Annotated[float, typer.Option(help="inverse L2 regularisation of the cue weights")] = DEFAULT_C,
+    fusion_c: Annotated[
+        float | None, typer.Option(help="tie the two heads' cue weights with this inverse strength (default: no tie)")
+    ] = None,
+    prior_rows: Annotated[
+        float, typer.Option(help="shrinkage toward the length prior: prompts of a shape at which both weigh the same")
+    ] = DEFAULT_PRIOR_ROWS,
+    min_rows: Annotated[
+        int, typer.Option(help="a head trained on fewer prompts of its shape is the length prior alone")
+    ] = DEFAULT_MIN_ROWS,
+    previous: Annotated[
+        bool, typer.Option("--previous", help="the previous design: independent heads over every feature")
+    ] = False,
+    hash_bits: Annotated[int, typer.Option(help="> 0 (with --previous): add hashed word n-grams, 2**bits buckets")] = 0,
     cheap_share: Annotated[float, typer.Option(help="default cheap-share target of the calibration")] = 0.8,
     band_share: Annotated[float, typer.Option(help="share of traffic in the uncertainty band")] = DEFAULT_BAND_SHARE,
     seed: Annotated[int, typer.Option(help="random seed (the fit is deterministic anyway)")] = 0,
 ) -> None:
     """Train the classifier on labelled records and write the artifact (model.json) to OUT."""
     records = _load(data, labelled=True)
-    cfg = TrainConfig(c=c, hash_bits=hash_bits, cheap_share=cheap_share, band_share=band_share, seed=seed)
+    try:
+        if previous:
+            cfg = replace(PREVIOUS, c=c, hash_bits=hash_bits)
+        else:
+            cfg = TrainConfig(c=c, fusion_c=fusion_c, prior_rows=prior_rows, min_rows=min_rows, hash_bits=hash_bits)
+        cfg = replace(cfg, cheap_share=cheap_share, band_share=band_share, seed=seed)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     digest = hashlib.sha256(data.read_bytes()).hexdigest()
     model = train(records, cfg, provenance={"data": data.name, "data_sha256": digest})
     model.save(out)

@@ -111,6 +111,31 @@ def test_hashed_ngrams_are_deterministic_in_range_and_order_sensitive() -> None:
 
 
 def test_very_long_prompts_hash_a_bounded_number_of_tokens() -> None:
-    f = feat.extract(user_messages("word " * 10_000), hash_bits=12, max_hashed_tokens=512)
-    assert f.hashed.size == 512 + 511
+    f = feat.extract(user_messages("word " * 10_000), hash_bits=12, max_hashed_tokens=128)
+    assert f.hashed.size == 128 + 127  # the window holds more than 128 tokens: head and tail of it
     assert f.token_estimate >= 10_000
+
+
+def test_only_the_needed_features_are_computed_and_they_are_the_same() -> None:
+    prompts = [
+        "Which is a prime?\nA. 4\nB. 6\nC. 7\nD. None of the above\nAnswer:",
+        "First she buys 3 apples, then gives half to Tom; after that each friend gets 2. Explain why. 15% off $12.",
+        "Write a detailed essay in 500 words. You must use exactly three sections.\n"
+        "```python\ndef f(x):\n  return x\n```",
+        "Привет, как дела? Which of these is NOT true? A. one B. two",
+        "word " * 3000,
+    ]
+    need = frozenset({"math_words", "negation_cue", "quantitative", "code_block"})
+    keep = need | feat.ALWAYS
+    for p in prompts:
+        full = dense(p)
+        some = dict(zip(feat.DENSE_FEATURES, feat.extract(user_messages(p), need=need).dense.tolist(), strict=True))
+        assert {k: v for k, v in some.items() if k in keep} == {k: full[k] for k in keep}
+        assert some["list_items"] == some["capitalized"] == some["constraints"] == 0.0  # scans nothing reads: skipped
+
+
+def test_saturating_quantity_cues() -> None:
+    assert dense("no numbers here")["quantitative"] == 0.0
+    assert dense("one 7 here")["quantitative"] == 0.5
+    assert dense("7 and 8 and 9")["quantitative"] == 1.0
+    assert dense("it costs $12 or 15% and 3 + 4")["arithmetic"] == 1.0

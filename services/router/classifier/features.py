@@ -30,8 +30,13 @@ IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
 
 #: Characters of a message the cue features read: longer texts are read at their head and tail (half each), which
-#: bounds the cost of a request; the length features still count all of it.
-WINDOW_CHARS = 4000
+#: bounds the cost of a request; the length features still count all of it (extrapolated from the window). 1,000
+#: keeps Router.decide under 2 ms CPU at p99 for prompts of 2,000 tokens on this shared machine; the protocols of
+#: bench/router.py gave the same APGR with 1,000, 1,500 and 4,000 (the previous value).
+WINDOW_CHARS = 1000
+#: Characters at the end of the last user message searched for multiple-choice options (long options, as in law
+#: questions, do not fit the cue window; every dev question's options fit in 3,000).
+OPTIONS_CHARS = 3000
 #: Bucket count (bits) of the hashed n-grams when a model uses them; the artifact records its own (0 = none).
 DEFAULT_HASH_BITS = 18
 
@@ -41,10 +46,11 @@ def _wordset(text: str) -> frozenset[str]:
 
 
 _TOKEN_RE = re.compile(r"[^\W\d_]+|\d+(?:[.,]\d+)*|[^\w\s]")
+_NUMBER_RE = re.compile(r"\d+(?:[.,]\d+)*")
 _SENTENCE_END_RE = re.compile(r"[.!?](?:\s|$)")
-_OPTION_MARK_RE = re.compile(r"(?:(?<=\s)|^)\(?([A-H])[.)](?=\s)")
+_OPTION_MARK_RE = re.compile(r"(?<!\S)\(?([A-H])[.)](?=\s)")  # after whitespace or at the start
 _ANSWER_CUE_RE = re.compile(r"\s*(?:Answer|Correct answer)\s*:?\s*$", re.IGNORECASE)
-_LIST_ITEM_RE = re.compile(r"(?:(?<=\s)|^)(?:\d{1,2}[.)]|[-*•])(?=\s)")
+_LIST_ITEM_RE = re.compile(r"(?<!\S)(?:\d{1,2}[.)]|[-*•])(?=\s)")
 _CODE_FENCE_RE = re.compile(r"```|~~~")
 _CODE_SYNTAX_RE = re.compile(
     r"\b(?:def \w+\(|class \w+\s*[:({]|import \w+|from \w+ import\b|return\b|function\s*\w*\s*\(|"
@@ -139,6 +145,8 @@ DENSE_FEATURES: tuple[str, ...] = (
     "non_latin",  # 1 when most letters are outside the Latin script (language other than English et al.)
     "turns",  # log1p(number of prior turns)
     "system_tokens",  # log1p(token estimate of system prompts)
+    "quantitative",  # numbers in the text, saturating: 0, 0.5 for one, 1 for two or more (a task with quantities)
+    "arithmetic",  # arithmetic expressions, LaTeX, percentages, currency, saturating like ``quantitative``
 )
 N_DENSE = len(DENSE_FEATURES)
 
@@ -175,7 +183,13 @@ REASONS: dict[str, str] = {
     "non_latin": "non_english",
     "turns": "multi_turn",
     "system_tokens": "long_system_prompt",
+    "quantitative": "numbers",
+    "arithmetic": "math_cue",
 }
+#: Features that are always computed, whatever a model needs: the gate (``choices``) and the length prior.
+ALWAYS: frozenset[str] = frozenset({"choices", "prompt_tokens", "user_tokens"})
+#: Counts at which the saturating features reach 1.
+SATURATION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +263,11 @@ def _options(text: str) -> list[str]:
     """The options of a multiple-choice question: the last run of markers 'A.' 'B.' 'C.' ... (or 'A)', '(A)') in
     order, each option running to the next marker. Line breaks are not needed, so collapsed whitespace (the cache's
     normalised text, which is what the router classifies) parses the same."""
-    marks = list(_OPTION_MARK_RE.finditer(text))
+    # A run starts at an "A" mark: scan from the first "A." / "A)" (most texts have none, and are not scanned).
+    starts = [i for i in (text.find("A."), text.find("A)")) if i >= 0]
+    if not starts:
+        return []
+    marks = list(_OPTION_MARK_RE.finditer(text, max(min(starts) - 1, 0)))
     best: list[re.Match[str]] = []
     run: list[re.Match[str]] = []
     for m in marks:
@@ -274,12 +292,20 @@ def _options(text: str) -> list[str]:
     return options
 
 
+def _solid_chars(text: str) -> int:
+    """Characters that are not blanks (spaces, tabs, line breaks)."""
+    return len(text) - text.count(" ") - text.count("\n") - text.count("\t") - text.count("\r")
+
+
 def _is_numeric_option(option: str) -> bool:
-    stripped = option.strip()
+    """Mostly digits and symbols, judged on its first 64 characters (a number or formula is short; on dev this
+    differs from judging the whole option for 2 options of 30,616)."""
+    stripped = option[:64].strip()
     if not stripped:
         return False
-    digits = sum(ch.isdigit() for ch in stripped)
-    return digits > 0 and digits + sum(not ch.isalpha() for ch in stripped) >= 0.6 * len(stripped)
+    digits = sum(map(str.isdigit, stripped))
+    not_letters = len(stripped) - sum(map(str.isalpha, stripped))
+    return digits > 0 and digits + not_letters >= 0.6 * len(stripped)
 
 
 def _build_lexicon() -> dict[str, int]:
@@ -300,13 +326,17 @@ def extract(
     max_tokens: int = 0,
     hash_bits: int = 0,
     max_hashed_tokens: int = 2048,
+    need: frozenset[str] | None = None,
 ) -> Features:
     """Features of one request. ``max_tokens`` is the caller's output cap (0 = not given); ``hash_bits`` > 0 also
-    hashes the word n-grams of the last user turn into ``2**hash_bits`` buckets.
+    hashes the word n-grams of the last user turn into ``2**hash_bits`` buckets. ``need``: the dense features to
+    compute (plus :data:`ALWAYS`); the others are left at 0 (a model passes the features it weighs, which skips the
+    scans nothing reads). ``None``: all of them.
 
     Cue features read at most ``WINDOW_CHARS`` of a message (head and tail of longer ones) and at most
     ``max_hashed_tokens`` tokens are hashed, so the cost of a request is bounded whatever its size.
     """
+    want = (lambda _name: True) if need is None else (need | ALWAYS).__contains__
     user = ""
     system_parts: list[str] = []
     other_tokens = 0
@@ -334,19 +364,16 @@ def extract(
     total_tokens = user_tokens + other_tokens
     system_tokens = estimate_tokens(system) if system else 0
     instructions = f"{sw}\n{uw}" if system else uw
-    lower = instructions.lower()
     words = [t.lower() for t in raw_tokens if t[0].isalpha()]
     n_words = max(len(words), 1)
-    n_numbers = sum(1 for t in raw_tokens if t[0].isdigit())
+    n_numbers = len(_NUMBER_RE.findall(uw))  # the number pieces of _TOKEN_RE: the same matches
 
     math_words = code_words = step_words = reasoning_words = long_words = scenario_words = letters = 0
-    lexicon = _LEXICON
-    for w in words:
-        letters += len(w)
-        if len(w) >= 10:
-            long_words += 1
-        bits = lexicon.get(w)
-        if bits:
+    if want("long_words") or want("non_ascii") or want("non_latin"):
+        letters = sum(map(len, words))
+        long_words = sum(1 for w in words if len(w) >= 10)
+    if any(want(f) for f in ("math_words", "code_words", "multi_step", "reasoning", "scenario")):
+        for bits in [b for b in map(_LEXICON.get, words) if b]:
             if bits & _SCENARIO:
                 scenario_words += 1
             if bits & _MATH:
@@ -357,43 +384,64 @@ def extract(
                 step_words += 1
             if bits & _REASONING:
                 reasoning_words += 1
-    if system:
-        code_words += sum(1 for w in _TOKEN_RE.findall(sw.lower()) if w in _CODE_WORDS)
+        if system:
+            code_words += sum(1 for w in _TOKEN_RE.findall(sw.lower()) if w in _CODE_WORDS)
 
-    options = _options(uw)
+    options = _options(user[-OPTIONS_CHARS:])  # the options end a question: read its tail
+    choice_tokens = choice_spread = numeric_choices = catch_all = 0.0
+    stem_tokens = user_tokens
     if options:
-        option_tokens = [estimate_tokens(o) for o in options]
+        # Tokens of an option: its share of the message's non-blank characters times the message's tokens
+        # (tokenising each option again cost as much as the rest of the options scan; blanks are not counted so
+        # that collapsed whitespace gives the same share).
+        per_char = user_tokens / max(_solid_chars(user), 1)
+        option_tokens = [_solid_chars(o) * per_char for o in options]
         choice_tokens = sum(option_tokens) / len(options)
-        choice_spread = float(np.std(option_tokens)) / max(choice_tokens, 1.0)
+        if want("choice_spread"):
+            choice_spread = float(np.std(option_tokens)) / max(choice_tokens, 1.0)
         numeric_choices = sum(_is_numeric_option(o) for o in options) / len(options)
-        catch_all = 1.0 if any(_CATCH_ALL_RE.search(o.lower()) for o in options) else 0.0
-        stem_tokens = max(user_tokens - sum(option_tokens), 0)
-    else:
-        choice_tokens = choice_spread = numeric_choices = catch_all = 0.0
-        stem_tokens = user_tokens
+        if want("catch_all_choice"):
+            catch_all = 1.0 if any(_CATCH_ALL_RE.search(o.lower()) for o in options) else 0.0
+        stem_tokens = max(round(user_tokens - sum(option_tokens)), 0)
 
-    word_counts = len(_WORD_COUNT_RE.findall(lower))
+    lower = (
+        instructions.lower()
+        if any(
+            want(f)
+            for f in ("constraints", "long_output_cue", "short_output_cue", "math_expr", "arithmetic", "multi_step")
+        )
+        else ""
+    )
+    word_counts = len(_WORD_COUNT_RE.findall(lower)) if want("constraints") or want("long_output_cue") else 0
     code_block = (
         3 * len(_CODE_FENCE_RE.findall(instructions))
         + len(_CODE_SYNTAX_RE.findall(instructions))
         + sum(instructions.count(sym) for sym in _CODE_SYMBOLS)
+        if want("code_block")
+        else 0
     )
-    math_expr = len(_MATH_EXPR_RE.findall(lower)) + 2 * len(_LATEX_RE.findall(instructions))
-    constraints = len(_PHRASE_RE["constraint"].findall(lower)) + word_counts
-    multi_step = step_words + 2 * len(_PHRASE_RE["multi_step"].findall(lower))
-    long_out = len(_PHRASE_RE["long_output"].findall(lower)) + word_counts
-    short_out = len(_PHRASE_RE["short_output"].findall(lower))
-    negation = len(_NEGATION_CUE_RE.findall(uw)) + len(_STATEMENT_RE.findall(uw))
-    capitalized = len(_CAPITALIZED_RE.findall(uw))
-    non_ascii, non_latin = _script_shares(uw, letters)
+    math_expr = (
+        len(_MATH_EXPR_RE.findall(lower)) + 2 * len(_LATEX_RE.findall(instructions))
+        if want("math_expr") or want("arithmetic")
+        else 0
+    )
+    constraints = len(_PHRASE_RE["constraint"].findall(lower)) + word_counts if want("constraints") else 0
+    multi_step = step_words + 2 * len(_PHRASE_RE["multi_step"].findall(lower)) if want("multi_step") else 0
+    long_out = len(_PHRASE_RE["long_output"].findall(lower)) + word_counts if want("long_output_cue") else 0
+    short_out = len(_PHRASE_RE["short_output"].findall(lower)) if want("short_output_cue") else 0
+    negation = len(_NEGATION_CUE_RE.findall(uw)) + len(_STATEMENT_RE.findall(uw)) if want("negation_cue") else 0
+    capitalized = len(_CAPITALIZED_RE.findall(uw)) if want("capitalized") else 0
+    non_ascii, non_latin = _script_shares(uw, letters) if want("non_ascii") or want("non_latin") else (0.0, 0.0)
+    list_items = len(_LIST_ITEM_RE.findall(uw)) if want("list_items") else 0
+    sentences = len(_SENTENCE_END_RE.findall(uw)) if want("sentences") else 0
     log1p = math.log1p
 
     dense = np.array(
         [
             log1p(total_tokens),
             log1p(user_tokens),
-            log1p(len(_LIST_ITEM_RE.findall(uw))),
-            log1p(len(_SENTENCE_END_RE.findall(uw))),
+            log1p(list_items),
+            log1p(sentences),
             log1p(uw.count("?")),
             log1p(n_numbers),
             n_numbers / n_words,
@@ -421,6 +469,8 @@ def extract(
             non_latin,
             log1p(turns),
             log1p(system_tokens),
+            min(n_numbers, SATURATION) / SATURATION,
+            min(math_expr, SATURATION) / SATURATION,
         ],
         dtype=np.float64,
     )

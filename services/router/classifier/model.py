@@ -150,6 +150,8 @@ class ComplexityModel:
     feature_names: tuple[str, ...] = feat.DENSE_FEATURES
     hash_bits: int = 0  # 0 = no n-gram weights
     meta: Mapping[str, Any] = field(default_factory=dict)
+    # the dense features some head weighs: the only ones ``features`` computes (the others are 0 and weigh nothing)
+    _need: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.feature_names != feat.DENSE_FEATURES:
@@ -159,13 +161,22 @@ class ComplexityModel:
         missing = [g for g in GATES if g not in self.heads]
         if missing:
             raise ValueError(f"model has no head for {missing}")
+        weighed = np.zeros(len(self.feature_names), dtype=bool)
+        for head in self.heads.values():
+            weighed |= head.weights != 0
+        object.__setattr__(self, "_need", frozenset(n for n, w in zip(self.feature_names, weighed, strict=True) if w))
 
     @property
     def uses_ngrams(self) -> bool:
         return self.hash_bits > 0
 
+    @property
+    def needed_features(self) -> frozenset[str]:
+        """The dense features some head weighs (the gate's and the length prior's are always computed too)."""
+        return self._need
+
     def features(self, messages: Sequence[Message], max_tokens: int = 0) -> feat.Features:
-        return feat.extract(messages, max_tokens=max_tokens, hash_bits=self.hash_bits)
+        return feat.extract(messages, max_tokens=max_tokens, hash_bits=self.hash_bits, need=self._need)
 
     def score_features(self, features: feat.Features, *, top: int = 3) -> Scored:
         gate = gate_of(features.dense)
