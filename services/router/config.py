@@ -37,7 +37,15 @@ class RouterSettings(ServiceSettings):
     # --- calls to the other services ---
     cache_timeout_s: float = Field(2.0, gt=0, description="Deadline of cache calls (plus the coalescing wait).")
     cache_wait_ms: int = Field(10_000, ge=0, description="Most time to wait for an identical in-flight miss.")
-    budget_timeout_s: float = Field(2.0, gt=0, description="Deadline of budget calls.")
+    # Loose on purpose: the budget fails fast by itself when its store does (redis_timeout_s), so this deadline only
+    # runs out on a budget that answers late. On a loaded 2-core machine a round trip that takes milliseconds
+    # sometimes took over 2 s (the soak's commits timed out at the old 2 s default); three such Reserve attempts
+    # fail the request UNAVAILABLE (BUDGET_TIMEOUT) when it only had to wait.
+    budget_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Deadline of each budget call; a Reserve gets 3 attempts before UNAVAILABLE BUDGET_TIMEOUT.",
+    )
     infer_timeout_s: float = Field(300.0, gt=0, description="Deadline of a generation (capped by the caller's).")
     reservation_ttl_s: int = Field(
         120, ge=3, description="Reservation lifetime of interactive requests; renewed every third of it while they run."

@@ -747,20 +747,31 @@ async def test_a_job_survives_its_worker_being_killed(
     assert spare.ready is not None
     await spare.ready
     assert "NOT_SERVING" in spare.seen, f"health must say NOT_SERVING while the engine warms up (saw {spare.seen})"
-    async with grpc.aio.insecure_channel(spare.target) as ch:
-        stub = infer_pb2_grpc.InferenceServiceStub(ch)
-        sampling = common_pb2.SamplingParams(max_tokens=400, temperature=0.0)
-        submitted = await stub.SubmitJob(
-            infer_pb2.SubmitJobRequest(request_id="survivor", prompt="Write the long report", sampling=sampling),
-            timeout=10,
-        )
-        await wait_until_job(stub, submitted.job_id, JobState.RUNNING, 60)
     engine_procs = psutil.Process(spare.proc.pid).children(recursive=True)
     assert engine_procs, "vLLM runs its engine core in child processes"
-    # Only the worker process, as an OOM kill does: its engine core and the core's worker must go down with it (the
-    # die_with_parent vLLM plugin registered in pyproject.toml), not live on orphaned with their CPU and memory.
-    spare.proc.kill()
-    spare.proc.wait(30)
+    # The engine is frozen (SIGSTOP) before the job goes in: the worker claims it (RUNNING) and hands it to the
+    # engine, but it cannot finish before the kill, however fast the model or however slow this test is to look.
+    for p in engine_procs:
+        p.suspend()
+    try:
+        async with grpc.aio.insecure_channel(spare.target) as ch:
+            stub = infer_pb2_grpc.InferenceServiceStub(ch)
+            sampling = common_pb2.SamplingParams(max_tokens=400, temperature=0.0)
+            submitted = await stub.SubmitJob(
+                infer_pb2.SubmitJobRequest(request_id="survivor", prompt="Write the long report", sampling=sampling),
+                timeout=10,
+            )
+            await wait_until_job(stub, submitted.job_id, JobState.RUNNING, 60)
+        # Only the worker process, as an OOM kill does: its engine core and the core's worker must go down with it
+        # (the die_with_parent vLLM plugin registered in pyproject.toml), not live on orphaned with their CPU and
+        # memory.
+        spare.proc.kill()
+        spare.proc.wait(30)
+    finally:
+        # Whatever the kill left alive runs again, so a process that would outlive the worker shows up below.
+        for p in engine_procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.resume()
     _, alive = psutil.wait_procs(engine_procs, timeout=30)
     assert not alive, f"orphaned vLLM processes: {[p.name() for p in alive]}"
     # Another worker on the same queue takes the orphaned job over once its lease runs out, and finishes it.
