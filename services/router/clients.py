@@ -182,8 +182,17 @@ class GrpcBudget:
         try:
             reply = await self._stub.RenewReservation(request, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as err:
-            raise error_from_rpc(err, peer="budget") from err
+            raise self._settle_error(err) from err
         return reply.expires_unix_ms
+
+    def _settle_error(self, err: grpc.aio.AioRpcError) -> CostmeshError:
+        """The domain error of a failed settlement call. These calls run on the client's own deadline, never the
+        caller's: its running out is the budget being unavailable (retried by the outbox), not the caller's time."""
+        if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return Unavailable(
+                f"budget: no answer in {self._timeout_s:g} s", reason="BUDGET_TIMEOUT", retry_after_s=1.0
+            )
+        return error_from_rpc(err, peer="budget")
 
     async def commit(
         self,
@@ -209,7 +218,7 @@ class GrpcBudget:
             # Settlement outlives the caller's deadline: the money was spent either way.
             reply = await self._stub.Commit(request, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as err:
-            raise error_from_rpc(err, peer="budget") from err
+            raise self._settle_error(err) from err
         return reply.remaining_micros if reply.HasField("remaining_micros") else None
 
     async def release(self, *, reservation_id: str, tenant: str) -> None:
@@ -217,7 +226,7 @@ class GrpcBudget:
         try:
             await self._stub.Release(request, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as err:
-            raise error_from_rpc(err, peer="budget") from err
+            raise self._settle_error(err) from err
 
     async def record_savings(self, tenant: str, records: Sequence[SavingsRecord]) -> None:
         request = budget_pb2.RecordSavingsBatchRequest(
@@ -238,7 +247,7 @@ class GrpcBudget:
         try:
             await self._stub.RecordSavingsBatch(request, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as err:
-            raise error_from_rpc(err, peer="budget") from err
+            raise self._settle_error(err) from err
 
 
 class GrpcGeneration:

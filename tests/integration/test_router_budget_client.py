@@ -19,6 +19,7 @@ from costmesh.budget.v1 import budget_pb2, budget_pb2_grpc
 from services.common import deadline
 from services.common.attribution import Attribution
 from services.common.errors import DeadlineExceeded, Unavailable
+from services.common.pricing import TokenUsage
 from services.router.classifier.types import Tier
 from services.router.clients import GrpcBudget
 from services.router.config import RouterSettings
@@ -40,6 +41,10 @@ class SlowBudget(budget_pb2_grpc.BudgetServiceServicer):
         if self.calls <= self.slow:
             await asyncio.sleep(self.delay_s)  # the caller's deadline passes; the reservation exists
         return budget_pb2.ReserveResponse(reservation_id=rid, replayed=replayed)
+
+    async def Commit(self, request: budget_pb2.CommitRequest, context: Any) -> budget_pb2.CommitResponse:
+        await asyncio.sleep(self.delay_s)
+        return budget_pb2.CommitResponse(charged_micros=request.actual_cost_micros)
 
 
 @pytest.fixture
@@ -113,3 +118,28 @@ async def test_the_callers_own_deadline_stays_deadline_exceeded(
     with pytest.raises(DeadlineExceeded):
         await asyncio.create_task(call())
     assert servicer.calls == 1  # no retry: the caller's time is spent
+
+
+async def test_a_settlement_that_meets_its_own_deadline_is_unavailable_even_inside_a_short_caller(
+    slow_budget: tuple[SlowBudget, grpc.aio.Channel],
+) -> None:
+    """Found by the soak: a GetAsyncResult whose Commit met the router's own deadline answered DEADLINE_EXCEEDED,
+    which clients must not retry. Settlements run on the client's own deadline, never the caller's: running out of it
+    is the budget being unavailable (the outbox retries it)."""
+    _, channel = slow_budget
+
+    async def call() -> int | None:
+        deadline.set_remaining(30.0)  # the caller has plenty of time
+        return await GrpcBudget(channel, timeout_s=0.2, ttl_s=300).commit(
+            reservation_id="res_0",
+            tenant="acme",
+            cost_micros=5,
+            usage=TokenUsage(1, 1, 0),
+            model="m",
+            tier=Tier.CHEAP,
+            saved_micros=0,
+        )
+
+    with pytest.raises(Unavailable) as err:
+        await asyncio.create_task(call())
+    assert err.value.reason == "BUDGET_TIMEOUT"
