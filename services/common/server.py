@@ -9,7 +9,10 @@ A composition root builds its dependencies, then::
     await host.run(ready=warm_up)      # SERVING only after `ready` returned; returns after SIGTERM/SIGINT
 
 Health ("" and every registered service) and reflection are always registered. On SIGTERM/SIGINT health flips to
-NOT_SERVING, the server stops accepting and gives in-flight RPCs ``grace_period_s``, then dependencies close.
+NOT_SERVING, the server stops accepting and gives in-flight RPCs ``grace_period_s``, then dependencies close. A
+second server in the same process (the router's HTTP front door) joins with ``host.add_server(server)``: it starts
+once the gRPC port is bound and stops together with the gRPC server, within the same grace period, before any
+dependency closes.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ async def assert_ledger_is_the_truth(m: Mesh, tenant: str, *, timeout_s: float =
     usage, reserved = await settled(m.layout.target("budget"), tenant, timeout_s=timeout_s)
     assert reserved == 0, f"{reserved} micro-USD still reserved for {tenant}"
     cost, inp, out = generated(m, tenant)
-    assert (usage.usage.input_tokens, usage.usage.output_tokens) == (inp, out)
-    assert usage.cost_micros == cost
+    ledger = (usage.usage.input_tokens, usage.usage.output_tokens, usage.cost_micros)
+    assert ledger == (inp, out, cost), f"ledger (input, output, cost) {ledger} != workers' {(inp, out, cost)}"
     assert usage.late_commits == 0 and usage.over_estimate_commits == 0
     return usage
