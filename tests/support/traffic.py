@@ -90,12 +90,17 @@ async def track(budget_target: str, tenant: str) -> None:
 
 
 async def money(budget_target: str, tenant: str) -> tuple[budget_pb2.UsageRow, int]:
-    """(usage total, reserved micro-USD) of a tracked tenant."""
+    """(usage total, reserved micro-USD) of a tracked tenant.
+
+    Reserved is read first: a commit settles a held reservation, so once nothing is reserved the usage read after it
+    is final. Read the other way round, a commit landing between the two reads (a generation whose caller went away is
+    settled in the background, moments after the caller returned) gave "nothing reserved" with the usage before it.
+    """
     async with grpc.aio.insecure_channel(budget_target) as ch:
         stub = budget_pb2_grpc.BudgetServiceStub(ch)
-        usage = await stub.GetUsage(budget_pb2.GetUsageRequest(tenant=tenant), timeout=30)
         scope = budget_pb2.Scope(kind=budget_pb2.SCOPE_KIND_TENANT, tenant=tenant)
         reply = await stub.GetBudget(budget_pb2.GetBudgetRequest(scope=scope), timeout=30)
+        usage = await stub.GetUsage(budget_pb2.GetUsageRequest(tenant=tenant), timeout=30)
     return usage.total, sum(h.reserved_micros for h in reply.headroom)
 
 
