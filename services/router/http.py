@@ -136,16 +136,35 @@ class FrontDoor:
         return authorize(principal, rule, named="", metadata_tenants=tenants).fill_tenant
 
 
+#: The request headers the door reads (an SDK sends a dozen more, never decoded).
+_WANTED = frozenset(
+    k.encode()
+    for k in (
+        AUTHORIZATION,
+        TENANT_KEY,
+        TEAM_KEY,
+        FEATURE_KEY,
+        END_USER_KEY,
+        REQUEST_ID_KEY,
+        "content-length",
+        "x-costmesh-timeout-ms",
+        "x-costmesh-cache",
+    )
+)
+
+
 def _headers(scope: Scope) -> tuple[dict[str, str], list[str]]:
-    """The request's headers (lower-case names; the last value wins) and every ``x-costmesh-tenant`` value."""
+    """The headers the door reads (the last value wins) and every ``x-costmesh-tenant`` value. ASGI servers give
+    header names in lower case."""
     out: dict[str, str] = {}
     tenants: list[str] = []
     for raw_key, raw_value in scope["headers"]:
-        key = raw_key.decode("latin-1").lower()
-        value = raw_value.decode("latin-1")
-        out[key] = value
-        if key == TENANT_KEY:
-            tenants.append(value)
+        if raw_key in _WANTED:
+            key = raw_key.decode("latin-1")
+            value = raw_value.decode("latin-1")
+            out[key] = value
+            if key == TENANT_KEY:
+                tenants.append(value)
     return out, tenants
 
 
@@ -218,14 +237,19 @@ class _ClientWatch:
 
     The watcher reads the ASGI ``receive`` channel, so the request body must have been read before the block; uvicorn
     answers it with ``http.disconnect`` when the connection drops (or once the response is complete, which is why
-    the exchange says when it is being answered). It can cancel the task only while the task is inside the block:
-    leaving the block cancels the watcher first.
+    the exchange says when it is being answered). It starts only once the block has run for ``ARM_AFTER_S`` (a
+    cache hit is answered before that, and a task per request would be a tenth of its cost); a client gone earlier
+    is noticed then. It can cancel the task only while the task is inside the block: leaving the block disarms it
+    first.
     """
+
+    ARM_AFTER_S = 0.01
 
     def __init__(self, receive: Receive, ex: _Exchange) -> None:
         self._receive = receive
         self._ex = ex
         self.gone = False
+        self._watcher: asyncio.Task[None] | None = None
 
     async def _watch(self, task: asyncio.Task[Any]) -> None:
         while (await self._receive())["type"] != "http.disconnect":
@@ -234,17 +258,23 @@ class _ClientWatch:
             self.gone = True
             task.cancel()
 
+    def _arm(self) -> None:
+        self._watcher = self._loop.create_task(self._watch(self._task))
+
     async def __aenter__(self) -> _ClientWatch:
         task = asyncio.current_task()
         assert task is not None
         self._task = task
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(task))
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_later(self.ARM_AFTER_S, self._arm)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool:
-        self._watcher.cancel()
+        self._timer.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self.gone and exc_type is asyncio.CancelledError and self._task.uncancel() == 0:
             log.info("http_client_disconnected")
             return True
