@@ -14,7 +14,9 @@ HTTP and writes OpenAI's shapes (``openaiconv.py``). Pointing an OpenAI SDK's ``
   in headers: ``x-costmesh-request-id``, ``-cost-micros``, ``-saved-micros``, ``-cache-hit``, ``-model-class``. A
   stream (``stream: true``; ``stream_options.include_usage`` adds the usage chunk) starts once the pipeline's first
   event is there, so a refusal before any token is still a plain HTTP error; its headers carry the request id, and
-  its last chunk carries the other figures as a ``costmesh`` object (they are known only at the end).
+  its last chunk carries the other figures as a ``costmesh`` object (they are known only at the end). Its chunks
+  name the model the request asked for (``auto`` included) until the finish chunk, which names the one that
+  answered: the pipeline says which only with its result.
 * **Errors** in OpenAI's shape with the HTTP status of the domain error's code (400, 401, 403, 404
   ``model_not_found``, 413, 429 with ``Retry-After``, 503, 504); after a stream started, as a final
   ``data: {"error": …}`` event.
@@ -532,6 +534,9 @@ class HttpFront:
             log_config=None,
             log_level="warning",
             access_log=False,
+            # No X-Forwarded-For rewriting: nothing here reads the client address but telemetry, and a proxy in
+            # front would have to be trusted by name (forwarded_allow_ips) — one middleware less per request.
+            proxy_headers=False,
             server_header=False,
             backlog=2048,
         )
