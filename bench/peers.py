@@ -51,7 +51,7 @@ import openai
 
 from costmesh.common.v1 import common_pb2
 from costmesh.router.v1 import router_pb2, router_pb2_grpc
-from services.cli.mesh import LocalMesh, free_layout, free_port
+from services.cli.mesh import LocalMesh, MeshLayout, free_layout, free_port
 from services.common.attribution import Attribution
 from services.infer.models import ensure_local_models
 from services.router.classifier.types import Message, Tier
@@ -423,8 +423,7 @@ def ratios(summary: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def start_mesh(data_dir: Path) -> LocalMesh:
-    layout = free_layout(data_dir, models_dir=MODELS)
+def start_mesh(layout: MeshLayout) -> LocalMesh:
     mesh = LocalMesh(
         layout,
         cwd=ROOT,
@@ -453,14 +452,15 @@ def main() -> int:
     PEERS_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="costmesh-peers-") as tmp:
         work = Path(tmp)
-        litellm_port = free_port()
-        litellm = start_litellm(exe, litellm_port, work)
+        layout = free_layout(work / "mesh", models_dir=MODELS)
+        taken = {*layout.ports.values(), *layout.metrics_ports.values(), layout.http_port}
+        litellm_port = next(p for p in iter(free_port, 0) if p not in taken)  # none of the mesh's (not bound yet)
+        litellm = start_litellm(exe, litellm_port, work)  # its imports take a minute: it starts beside the mesh
         mesh: LocalMesh | None = None
         try:
             print("costmesh mesh: starting", flush=True)
-            mesh = start_mesh(work / "mesh")
+            mesh = start_mesh(layout)
             wait_http(f"http://127.0.0.1:{litellm_port}/health/liveliness", litellm, 300, work / "litellm.log")
-            layout = mesh.layout
 
             async def bench() -> list[Row]:
                 tenant = {"x-costmesh-tenant": f"bench-{uuid.uuid4().hex[:6]}", "x-costmesh-feature": "peers"}
