@@ -29,5 +29,8 @@ async def assert_ledger_is_the_truth(m: Mesh, tenant: str, *, timeout_s: float =
     cost, inp, out = generated(m, tenant)
     ledger = (usage.usage.input_tokens, usage.usage.output_tokens, usage.cost_micros)
     assert ledger == (inp, out, cost), f"ledger (input, output, cost) {ledger} != workers' {(inp, out, cost)}"
-    assert usage.late_commits == 0 and usage.over_estimate_commits == 0
+    assert (usage.late_commits, usage.over_estimate_commits) == (0, 0), (
+        usage.late_commits,
+        usage.over_estimate_commits,
+    )
     return usage
