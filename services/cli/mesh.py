@@ -15,6 +15,7 @@ from pathlib import Path
 from services.cli.supervisor import ChildSpec, python_module
 from services.common.health import wait_serving
 from services.common.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
+from services.router.config import DEFAULT_HTTP_PORT
 
 INFER_PORTS = {"cheap": DEFAULT_PORTS["infer"], "full": DEFAULT_PORTS["infer"] + 1}
 INFER_METRICS_PORTS = {"cheap": DEFAULT_METRICS_PORTS["infer"], "full": DEFAULT_METRICS_PORTS["infer"] + 1}
@@ -55,8 +56,16 @@ class MeshLayout:
         }
     )
 
+    #: The router's OpenAI-compatible HTTP front door.
+    http_port: int = DEFAULT_HTTP_PORT
+
     def target(self, name: str) -> str:
         return f"{self.host}:{self.ports[name]}"
+
+    @property
+    def http_base_url(self) -> str:
+        """What an OpenAI SDK's ``base_url`` points at."""
+        return f"http://{self.host}:{self.http_port}/v1"
 
     def _common(self, svc: str, name: str) -> dict[str, str]:
         prefix = f"COSTMESH_{svc.upper()}_"
@@ -117,6 +126,7 @@ class MeshLayout:
                 "COSTMESH_ROUTER_INFER_TARGETS__FULL": self.target("infer-full"),
                 "COSTMESH_ROUTER_TOKENIZER_DIRS__CHEAP": str(self.models_dir / "cheap"),
                 "COSTMESH_ROUTER_TOKENIZER_DIRS__FULL": str(self.models_dir / "full"),
+                "COSTMESH_ROUTER_HTTP__PORT": str(self.http_port),
             }
         )
         specs.append(ChildSpec("router", python_module("services.router"), router))
@@ -143,6 +153,7 @@ def free_layout(
         otlp_endpoint=otlp_endpoint,
         ports={n: free_port() for n in NAMES},
         metrics_ports={n: free_port() for n in NAMES},
+        http_port=free_port(),
     )
 
 

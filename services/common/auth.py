@@ -227,6 +227,14 @@ RULES: dict[str, MethodRule] = {
     "/costmesh.infer.v1.InferenceService/ListModels": MethodRule(_TENANT_OR_SERVICE),
 }
 
+#: The router's OpenAI-compatible HTTP front door (services/router/http.py): chat completions are Generate by another
+#: door, so they follow Generate's rule (the tenant comes from ``x-costmesh-tenant`` or a tenant key); the model
+#: list is open to every key.
+HTTP_RULES: dict[str, MethodRule] = {
+    "POST /v1/chat/completions": RULES["/costmesh.router.v1.RouterService/Generate"],
+    "GET /v1/models": MethodRule(frozenset({Role.TENANT, Role.SERVICE})),
+}
+
 #: Services callable without a key (kubelet probes, grpcurl's schema discovery).
 PUBLIC_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.")
 

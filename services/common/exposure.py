@@ -29,6 +29,8 @@ listener added later (an HTTP front door on the router) gets the same rule with 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import structlog
 
@@ -131,14 +133,32 @@ def require_public_metrics(host: str, settings: ServiceSettings, *, port: int) -
     )
 
 
-def require_secure_listeners(settings: ServiceSettings) -> None:
-    """Every listener the shared bootstrap opens from ``settings``: the gRPC port and the ``/metrics`` port (one
-    ``InsecureBind`` naming every refusal, so one restart is enough to fix them all)."""
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A listener a service opens beside its gRPC port (the router's HTTP front door), for the same check.
+
+    ``mtls``: whether it asks for the client certificates of ``tls_*`` (a plain HTTP listener does not, so only API
+    keys make it safe beyond loopback)."""
+
+    host: str
+    what: str
+    mtls: bool = False
+
+
+def require_secure_listeners(settings: ServiceSettings, extra: Sequence[Listener] = ()) -> None:
+    """Every listener the shared bootstrap opens from ``settings`` — the gRPC port and the ``/metrics`` port — and
+    the service's ``extra`` ones (one ``InsecureBind`` naming every refusal, so one restart is enough to fix them
+    all)."""
     refused: list[str] = []
     try:
         require_secure_bind(settings.host, settings, what=f"gRPC port {settings.port}")
     except InsecureBind as err:
         refused.append(str(err))
+    for listener in extra:
+        try:
+            require_secure_bind(listener.host, settings, what=listener.what, mtls=listener.mtls)
+        except InsecureBind as err:
+            refused.append(str(err))
     if settings.metrics_port is not None:
         try:
             require_public_metrics(settings.host, settings, port=settings.metrics_port)

@@ -9,7 +9,10 @@ A composition root builds its dependencies, then::
     await host.run(ready=warm_up)      # SERVING only after `ready` returned; returns after SIGTERM/SIGINT
 
 Health ("" and every registered service) and reflection are always registered. On SIGTERM/SIGINT health flips to
-NOT_SERVING, the server stops accepting and gives in-flight RPCs ``grace_period_s``, then dependencies close.
+NOT_SERVING, the server stops accepting and gives in-flight RPCs ``grace_period_s``, then dependencies close. A
+second server in the same process (the router's HTTP front door) joins with ``host.add_server(server)``: it starts
+once the gRPC port is bound and stops together with the gRPC server, within the same grace period, before any
+dependency closes.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import asyncio
 import inspect
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import structlog
@@ -27,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.auth_grpc import server_interceptors
-from services.common.exposure import EX_CONFIG, InsecureBind, require_secure_listeners
+from services.common.exposure import EX_CONFIG, InsecureBind, Listener, require_secure_listeners
 from services.common.interceptors import ErrorInterceptor, LogContextInterceptor
 from services.common.rpc_telemetry import ServerSpanInterceptor
 from services.common.settings import ServiceSettings
@@ -36,6 +39,15 @@ from services.common.telemetry import Telemetry
 log = structlog.get_logger("costmesh.server")
 
 Closer = Callable[[], Awaitable[None] | None]
+
+
+class AuxServer(Protocol):
+    """A second server in the same process and event loop (the router's HTTP front door): bound right after the gRPC
+    server, and stopped with it — both stop accepting at once and share the grace period."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace_s: float) -> None: ...
 
 
 def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | None:
@@ -82,6 +94,7 @@ class ServiceHost:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []
         self._closers: list[Closer] = []
+        self._aux: list[AuxServer] = []
         self._stop = asyncio.Event()
         self.port: int | None = None
         self._health_server: grpc.aio.Server | None = None
@@ -91,6 +104,11 @@ class ServiceHost:
         """Register a servicer (``register(server)``) under its full proto name for health and reflection."""
         register(self.server)
         self._service_names.append(full_name)
+
+    def add_server(self, server: AuxServer) -> None:
+        """Run ``server`` beside the gRPC server: started after it binds, stopped with it (same grace period),
+        before any closer runs."""
+        self._aux.append(server)
 
     def on_stop(self, closer: Closer) -> None:
         """Run ``closer`` at shutdown, after the server stopped; closers run in reverse registration order."""
@@ -118,6 +136,8 @@ class ServiceHost:
             raise RuntimeError(f"could not bind {address}")
         self.port = port
         await self.server.start()
+        for aux in self._aux:
+            await aux.start()
         if self.settings.health_port is not None:  # plaintext, health only: kubelet probes beside mTLS
             self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
@@ -131,7 +151,8 @@ class ServiceHost:
         await self.set_serving(False)
         await self.health.enter_graceful_shutdown()
         log.info("server_stopping", grace_period_s=self.settings.grace_period_s)
-        await self.server.stop(self.settings.grace_period_s)
+        grace = self.settings.grace_period_s
+        await asyncio.gather(self.server.stop(grace), *(aux.stop(grace) for aux in self._aux))
         if self._health_server is not None:
             await self._health_server.stop(None)
         for closer in reversed(self._closers):
@@ -177,20 +198,25 @@ def full_service_name(descriptor_module: Any, service: str) -> str:
 
 
 def make_host(
-    name: str, settings: ServiceSettings, *, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    name: str,
+    settings: ServiceSettings,
+    *,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    listeners: Sequence[Listener] = (),
 ) -> ServiceHost:
     """Configure logging and telemetry for this process and return its ``ServiceHost``.
 
     Call once, from a service's composition root (``services/<svc>/__main__.py``). Before anything binds, every
-    listener of ``settings`` must pass :mod:`services.common.exposure` (no open port beyond loopback): otherwise the
-    process logs ``insecure_listener_refused`` naming the settings to set, and exits with status 78 (``EX_CONFIG``).
+    listener of ``settings`` — and the service's other ``listeners`` (the router's HTTP port) — must pass
+    :mod:`services.common.exposure` (no open port beyond loopback): otherwise the process logs
+    ``insecure_listener_refused`` naming the settings to set, and exits with status 78 (``EX_CONFIG``).
     """
     from services.common.logging import configure_logging
     from services.common.telemetry import setup_telemetry
 
     configure_logging(service=name, level=settings.log_level, fmt=settings.log_format)
     try:
-        require_secure_listeners(settings)
+        require_secure_listeners(settings, listeners)
     except InsecureBind as err:
         log.error("insecure_listener_refused", error=str(err))
         raise SystemExit(EX_CONFIG) from None

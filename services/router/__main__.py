@@ -1,8 +1,10 @@
 """Composition root of the router: ``python -m services.router`` (or ``costmesh serve router``).
 
-Builds the channels to cache, budget and each worker tier, the tokenizers, the classifier and policy, the pipeline
-and the servicer, then runs until SIGTERM/SIGINT. On shutdown, background fills and savings records are drained
-before the channels close.
+Builds the channels to cache, budget and each worker tier, the tokenizers, the classifier and policy, the pipeline,
+and its two front doors — the gRPC servicer and the OpenAI-compatible HTTP server (``services/router/http.py``), one
+pipeline and one per-tenant limiter behind both — then runs until SIGTERM/SIGINT. On shutdown both doors stop
+accepting at once and share the grace period; then background fills and savings records are drained before the
+channels close.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ import asyncio
 import grpc
 
 from costmesh.router.v1 import router_pb2, router_pb2_grpc
+from services.common.auth import Authenticator
 from services.common.auth_grpc import bearer_interceptors
 from services.common.channels import channel_credentials, create_channel
+from services.common.exposure import Listener
+from services.common.http_telemetry import HttpMetrics
 from services.common.rpc_telemetry import (
     AttributionBaggageInterceptor,
     RpcMetricsInterceptor,
@@ -25,6 +30,7 @@ from services.router.classifier.types import Tier
 from services.router.clients import GrpcBudget, GrpcCache, GrpcInfer
 from services.router.config import RouterSettings
 from services.router.decider import build_decider
+from services.router.http import FrontDoor, HttpFront, build_app
 from services.router.limits import TenantLimiter
 from services.router.metrics import RouterMetrics
 from services.router.pipeline import Pipeline, PipelineLimits
@@ -35,8 +41,14 @@ from services.router.tokens import TierTokenizers
 
 async def serve(settings: RouterSettings) -> None:
     rpc_metrics = RpcMetricsInterceptor()
+    http = settings.http
+    http_host = http.host if http.host is not None else settings.host
+    # The HTTP port passes the same bind check as the gRPC one (API keys beyond loopback; it asks no client certs).
+    listeners = [Listener(http_host, f"HTTP port {http.port}")] if http.enabled else []
     # Baggage first: tenant/team/feature of each request travel to cache, budget and infer with every call.
-    host = make_host("router", settings, interceptors=[AttributionBaggageInterceptor(), rpc_metrics])
+    host = make_host(
+        "router", settings, interceptors=[AttributionBaggageInterceptor(), rpc_metrics], listeners=listeners
+    )
     meter = host_meter(host, "costmesh.router")
     rpc_metrics.bind(meter)
     creds = channel_credentials(
@@ -85,6 +97,7 @@ async def serve(settings: RouterSettings) -> None:
     tokens = await asyncio.to_thread(
         TierTokenizers, {Tier.parse(name): path for name, path in settings.tokenizer_dirs.items()}
     )
+    models = {Tier.parse(name): model for name, model in settings.models.items()}
     pipeline = Pipeline(
         decider=build_decider(settings),
         cache=cache,
@@ -93,7 +106,7 @@ async def serve(settings: RouterSettings) -> None:
         jobs=infer,
         tokens=tokens,
         prices=settings.prices,
-        models={Tier.parse(name): model for name, model in settings.models.items()},
+        models=models,
         limits=PipelineLimits(
             max_messages=settings.max_messages,
             max_total_chars=settings.max_total_chars,
@@ -115,11 +128,22 @@ async def serve(settings: RouterSettings) -> None:
     )
     pipeline.start()  # this router's share of settling async jobs from the job stores
     host.on_stop(pipeline.drain)  # registered last: runs first, while the channels are still open
-    servicer = RouterServicer(pipeline=pipeline, limiter=TenantLimiter(settings.limits))
+    limiter = TenantLimiter(settings.limits)  # one per process: a tenant's slots count across both doors
+    servicer = RouterServicer(pipeline=pipeline, limiter=limiter)
     host.add_service(
         full_service_name(router_pb2, "RouterService"),
         lambda server: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server),
     )
+    if http.enabled:
+        door = FrontDoor(
+            pipeline=pipeline,
+            models=models,
+            settings=http,
+            limiter=limiter,
+            authenticator=Authenticator(settings.auth.all_keys()) if settings.auth.enabled else None,
+        )
+        app = build_app(door, metrics=HttpMetrics(meter), tracer=tracing.tracer("costmesh.http") if tracing else None)
+        host.add_server(HttpFront(app, host=http_host, port=http.port))
     await host.run()
 
 

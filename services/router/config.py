@@ -4,12 +4,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.pricing import PriceTable
 from services.common.settings import DEFAULT_PORTS, ServiceSettings, service_settings_config
 from services.router.classifier.settings import RoutingSettings
 from services.router.limits import LimitSettings
+
+DEFAULT_HTTP_PORT = 8080
+
+
+class HttpSettings(BaseModel):
+    """The OpenAI-compatible HTTP front door (``services/router/http.py``): ``COSTMESH_ROUTER_HTTP__<FIELD>``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = Field(True, description="Serve POST /v1/chat/completions and GET /v1/models beside gRPC.")
+    host: str | None = Field(
+        None, description="Interface it binds; unset = the router's host (beyond loopback it needs auth.enabled)."
+    )
+    port: int = Field(DEFAULT_HTTP_PORT, ge=0, le=65535, description="HTTP port; 0 picks a free one (tests).")
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Largest request body (413 beyond it).")
+    timeout_s: float = Field(
+        300.0, gt=0, description="Deadline of a request without x-costmesh-timeout-ms (504 once it passes)."
+    )
+    max_timeout_s: float = Field(900.0, gt=0, description="Largest deadline a client may ask for.")
 
 
 class RouterSettings(ServiceSettings):
@@ -78,6 +97,9 @@ class RouterSettings(ServiceSettings):
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     max_messages: int = Field(256, ge=1, description="Most messages in one request.")
     max_total_chars: int = Field(1_000_000, ge=1, description="Most characters over all messages.")
+    http: HttpSettings = Field(
+        default_factory=HttpSettings, description="OpenAI-compatible HTTP front door (services/router/http.py)."
+    )
     limits: LimitSettings = Field(
         default_factory=LimitSettings, description="Per-tenant concurrency and rate limits (services/router/limits.py)."
     )

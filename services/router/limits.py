@@ -25,6 +25,7 @@ State is kept per tenant seen; idle tenants (nothing in flight, bucket full) are
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -146,3 +147,11 @@ class TenantLimiter:
             yield
         finally:
             self.release(tenant)
+
+
+def admission(limiter: TenantLimiter | None, tenant: str) -> contextlib.AbstractContextManager[None]:
+    """The tenant's concurrency/rate slot for one request, for either front door; requests without a valid tenant
+    are not counted (validation rejects them instead)."""
+    if limiter is None or not tenant or len(tenant) > 64:
+        return contextlib.nullcontext()
+    return limiter.admit(tenant)

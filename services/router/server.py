@@ -13,7 +13,7 @@ from costmesh.router.v1 import router_pb2, router_pb2_grpc
 from services.common import deadline
 from services.common.attribution import Attribution, from_metadata
 from services.router.domain import GenerateInput, GenerateResult, JobState, TextDelta
-from services.router.limits import TenantLimiter
+from services.router.limits import TenantLimiter, admission
 from services.router.pipeline import Pipeline, validate
 from services.router.protoconv import (
     attribution_from_proto,
@@ -61,10 +61,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._limiter = limiter
 
     def _admit(self, tenant: str) -> contextlib.AbstractContextManager[None]:
-        """The tenant's concurrency/rate slot; requests without a valid tenant are rejected by validation instead."""
-        if self._limiter is None or not tenant or len(tenant) > 64:
-            return contextlib.nullcontext()
-        return self._limiter.admit(tenant)
+        return admission(self._limiter, tenant)
 
     async def Generate(self, request: router_pb2.GenerateRequest, context: Context) -> router_pb2.GenerateResponse:
         inp = _input(request, context)

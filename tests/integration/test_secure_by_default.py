@@ -2,7 +2,8 @@
 
 Every service (router, cache, budget, infer) exits with status 78 (EX_CONFIG) before it binds anything, and its
 output names the settings that would fix it. With API keys (and metrics_public for its /metrics port) the router
-starts on 0.0.0.0 and refuses a caller without a key; with allow_insecure it starts open and says so in a warning.
+starts on 0.0.0.0 and refuses a caller without a key, on gRPC and on its HTTP front door; with allow_insecure it
+starts open and says so in a warning for each listener.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from costmesh.common.v1 import common_pb2
@@ -103,6 +105,11 @@ async def test_the_router_on_0000_with_api_keys_starts_and_wants_a_key(
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         key = creds.keys.tenants["acme"]
         await router.Classify(request, metadata=(("authorization", f"Bearer {key}"),), timeout=10)
+    # The HTTP front door follows the router's host and keys: open on 0.0.0.0, closed without a key.
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{proc.http_port}", timeout=10) as http:
+        assert (await http.get("/v1/models")).status_code == 401
+        listing = await http.get("/v1/models", headers={"authorization": f"Bearer {key}"})
+        assert listing.status_code == 200 and listing.json()["data"][0]["id"] == "auto"
     code, _took = proc.terminate()
     assert code == 0, proc.log()[-4000:]
 
@@ -112,7 +119,8 @@ async def test_allow_insecure_starts_open_and_warns(procs: list[ServiceProcess])
     proc = start(procs, "services.router", env)
     await serving(proc)
     warned = [e for e in events(proc) if e.get("event") == "insecure_listener_allowed"]
-    assert {e["listener"] for e in warned} == {f"gRPC port {proc.port}", f"/metrics port {proc.metrics_port}"}
+    listeners = {f"gRPC port {proc.port}", f"/metrics port {proc.metrics_port}", f"HTTP port {proc.http_port}"}
+    assert {e["listener"] for e in warned} == listeners
     assert all(e["level"] == "warning" and e["setting"] == "COSTMESH_ROUTER_ALLOW_INSECURE" for e in warned)
     request = router_pb2.ClassifyRequest(
         attribution=common_pb2.Attribution(tenant="anyone"),

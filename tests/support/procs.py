@@ -25,6 +25,8 @@ class ServiceProcess:
     env: Mapping[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
+    #: The router's HTTP front door (a free port, so routers started side by side never meet on 8080).
+    http_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(prefix="costmesh-svc-", suffix=".log")[1]))
 
@@ -44,6 +46,7 @@ class ServiceProcess:
             f"{prefix}PORT": str(self.port),
             f"{prefix}METRICS_PORT": str(self.metrics_port),
             f"{prefix}LOG_FORMAT": "json",
+            **({f"{prefix}HTTP__PORT": str(self.http_port)} if self.svc == "router" else {}),
             **self.env,
         }
         with self.log_path.open("ab") as log:

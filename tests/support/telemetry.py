@@ -1,10 +1,11 @@
 """What the services export to Prometheus, derived from their instrument definitions, and PromQL name extraction.
 
-``exported_series()`` builds every service's metrics objects (router, cache, budget, infer and the shared
-``rpc.server.duration``) against one ``MeterProvider`` whose Prometheus reader writes to a private registry, feeds
-each instrument one representative domain event, and parses the text exposition: metric name → label names, exactly
-as a scrape of a running service shows them. ``selectors()`` pulls the metric names and label matchers out of a
-PromQL expression so dashboards and alert rules can be checked against it.
+``exported_series()`` builds every service's metrics objects (router, cache, budget, infer, the shared
+``rpc.server.duration`` and the router's ``http.server.request.duration``) against one ``MeterProvider`` whose
+Prometheus reader writes to a private registry, feeds each instrument one representative domain event, and parses
+the text exposition: metric name → label names, exactly as a scrape of a running service shows them.
+``selectors()`` pulls the metric names and label matchers out of a PromQL expression so dashboards and alert rules
+can be checked against it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from services.cache.metrics import CacheMetrics
 from services.cache.singleflight import FillResult, LookupQuery, LookupResult, Outcome
 from services.common.attribution import Attribution
 from services.common.errors import ResourceExhausted, Unavailable
+from services.common.http_telemetry import HttpMetrics
 from services.common.pricing import TokenUsage
 from services.common.rpc_telemetry import RpcMetrics
 from services.infer.domain import FinishReason, GenerationRequest, GenerationSummary, QueueClass
@@ -122,6 +124,11 @@ def _exercise(provider: MeterProvider) -> None:
     )
     # every service
     RpcMetrics(provider.get_meter("costmesh.rpc")).record("/costmesh.x.v1.X/Y", grpc.StatusCode.OK, 1.0)
+    # the router's HTTP front door
+    http = HttpMetrics(provider.get_meter("costmesh.http"))
+    base = {"http.request.method": "POST", "url.scheme": "http", "network.protocol.version": "1.1"}
+    http.record({**base, "http.route": "/v1/chat/completions", "http.response.status_code": 200}, 0.01)
+    http.record({**base, "http.response.status_code": 500, "error.type": "500"}, 0.01)
 
 
 def exported_series() -> dict[str, frozenset[str]]:
