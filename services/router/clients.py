@@ -302,6 +302,12 @@ class GrpcGeneration:
         except asyncio.CancelledError:
             self._queue.put_nowait(Unavailable(f"{self._peer}: generation cancelled", reason="GENERATION_CANCELLED"))
             raise
+        finally:
+            # Half-close on every path: with client interceptors, grpc.aio feeds the written messages to the call from
+            # a queue consumed by a task of its own, which waits for ever unless the writing side is closed (it was
+            # destroyed pending, with its request iterator, once the call was collected).
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                await self._call.done_writing()
 
     async def __aiter__(self) -> AsyncIterator[InferChunk]:
         while True:
